@@ -1,0 +1,39 @@
+"""Shared test setup.
+
+Two logical CPU devices are configured before TensorFlow initialises its
+runtime so that `tf.distribute.MirroredStrategy` tests can run on any CPU
+machine (this must happen before the first op, hence here and not in a test).
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+_cpus = tf.config.list_physical_devices("CPU")
+tf.config.set_logical_device_configuration(
+    _cpus[0], [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()]
+)
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    """Every test starts from the same seeds (numpy, Python, TF, Keras)."""
+    keras.utils.set_random_seed(1234)
+    yield
+    keras.backend.clear_session()
+
+
+@pytest.fixture
+def tiny_images():
+    """64 structured 12×12×1 images in 3 classes (class = which third is bright)."""
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 0.2, size=(64, 12, 12, 1)).astype("float32")
+    y = np.arange(64) % 3
+    for i, label in enumerate(y):
+        x[i, :, label * 4 : label * 4 + 4, 0] += 0.8
+    return x, y.astype("int32")
