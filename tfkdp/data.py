@@ -17,6 +17,8 @@ __all__ = [
     "make_dataset",
     "validation_split",
     "preprocess",
+    "load_dataset",
+    "DATASET_KINDS",
 ]
 
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
@@ -366,3 +368,41 @@ def make_dataset(
     )
 
     return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+DATASET_KINDS = ("fashion_mnist", "npz:PATH", "dir:PATH")
+
+
+def load_dataset(spec, test_fraction=0.2, seed=0):
+    """Loads a dataset named by a spec string, as used by the command-line tools.
+
+    Args:
+        spec: `"fashion_mnist"`, `"npz:PATH"` (see `from_npz`) or `"dir:PATH"`
+            (image folders, see `from_directory`; a `test_fraction` share is held
+            out as the test split).
+        test_fraction: test share for `dir:` datasets.
+        seed: split seed for `dir:` datasets.
+
+    Returns:
+        `((x_train, y_train), (x_test, y_test), num_classes)` with images as
+        `(N, H, W, C)` arrays.
+
+    Raises:
+        ValueError: for a spec of another form, listing the allowed ones.
+        FileNotFoundError: when the data is not where the spec says.
+    """
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"dataset must be one of {DATASET_KINDS}; received {spec!r}")
+    if spec == "fashion_mnist":
+        (x_train, y_train), (x_test, y_test) = load_fashion_mnist()
+    elif spec.startswith("npz:") and len(spec) > 4:
+        (x_train, y_train), (x_test, y_test) = from_npz(spec[4:])
+    elif spec.startswith("dir:") and len(spec) > 4:
+        x, y, _ = from_directory(spec[4:])
+        (x_train, y_train), (x_test, y_test) = validation_split(x, y, test_fraction, seed)
+    else:
+        raise ValueError(f"dataset must be one of {DATASET_KINDS}; received {spec!r}")
+    if x_train.ndim == 3:
+        x_train, x_test = x_train[..., None], x_test[..., None]
+    num_classes = int(max(y_train.max(), y_test.max())) + 1
+    return (x_train, y_train), (x_test, y_test), num_classes

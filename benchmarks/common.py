@@ -1,0 +1,120 @@
+"""Shared pieces of the benchmarks: real data, one cached teacher, result files.
+
+The teacher is trained once per (architecture, width, epochs, seed) and cached
+under `benchmarks/.cache/`; a file lock makes concurrent benchmark scripts wait
+for one training instead of each starting its own.
+"""
+
+import fcntl
+import json
+import os
+import tempfile
+import time
+
+import keras
+import numpy as np
+
+from tfkdp import data, metrics, models, training
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CACHE_DIR = os.path.join(HERE, ".cache")
+RESULTS_DIR = os.path.join(HERE, "results")
+
+_ARRAYS = {}
+
+
+def load_fashion_mnist_arrays():
+    """`((x_train, y_train), (x_test, y_test))` of real Fashion-MNIST, uint8, loaded once."""
+    if "fmnist" not in _ARRAYS:
+        _ARRAYS["fmnist"] = data.load_fashion_mnist()
+    return _ARRAYS["fmnist"]
+
+
+def datasets(batch_size=128, seed=0, train_subset=None):
+    """Augmented training and plain test `tf.data` pipelines of real Fashion-MNIST."""
+    (x_train, y_train), (x_test, y_test) = load_fashion_mnist_arrays()
+    if train_subset:
+        x_train, y_train = x_train[:train_subset], y_train[:train_subset]
+    train = data.make_dataset(x_train, y_train, batch_size, training=True, seed=seed)
+    test = data.make_dataset(x_test, y_test, 512)
+    return train, test
+
+
+def test_accuracy(model):
+    (_, _), (x_test, y_test) = load_fashion_mnist_arrays()
+    return metrics.accuracy(model, data.preprocess(x_test).numpy(), y_test, batch_size=512)
+
+
+def get_teacher(name="resnet32", epochs=4, width=16, seed=0, learning_rate=0.1, batch_size=128):
+    """A teacher trained on real Fashion-MNIST, cached on disk.
+
+    Returns:
+        `(model, info)` where info holds `test_accuracy`, `train_seconds`,
+        `epochs`, `macs`, `params`.
+    """
+    os.makedirs(CACHE_DIR, exist_ok=True)
+    stem = f"{name}_w{width}_e{epochs}_s{seed}"
+    path = os.path.join(CACHE_DIR, stem + ".keras")
+    info_path = os.path.join(CACHE_DIR, stem + ".json")
+    with open(os.path.join(CACHE_DIR, stem + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (os.path.exists(path) and os.path.exists(info_path)):
+            keras.utils.set_random_seed(seed)
+            model = models.get(name, width=width)
+            train, test = datasets(batch_size, seed)
+            start = time.time()
+            training.train_classifier(model, train, test, epochs=epochs,
+                                      learning_rate=learning_rate, verbose=2)
+            info = {
+                "name": name, "width": width, "epochs": epochs, "seed": seed,
+                "train_seconds": round(time.time() - start, 1),
+                "test_accuracy": test_accuracy(model),
+                "macs": metrics.count_macs(model), "params": metrics.count_params(model),
+            }
+            fd, tmp = tempfile.mkstemp(suffix=".keras", dir=CACHE_DIR)
+            os.close(fd)
+            model.save(tmp)
+            os.replace(tmp, path)
+            write_json(info_path, info)
+    with open(info_path) as f:
+        info = json.load(f)
+    return keras.saving.load_model(path), info
+
+
+def write_json(path, payload):
+    """Writes JSON atomically (temp file in the same folder, then rename)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=os.path.dirname(path) or ".")
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=2, default=_jsonable)
+    os.replace(tmp, path)
+
+
+def write_text(path, text):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=os.path.dirname(path) or ".")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def markdown_table(rows, columns):
+    """Rows (dicts) as a Markdown table with the given column keys."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(_fmt(row.get(c, "")) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def _fmt(value):
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _jsonable(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
