@@ -1,0 +1,109 @@
+"""tfkdp-compress: teacher → compress → strip → finetune → export → verify → latency → report.
+
+Each stage writes its outputs atomically and is recorded in
+`<output_dir>/state.json`; rerunning the same command resumes after the last
+finished stage. Defaults are the demo: Fashion-MNIST, a resnet20 teacher
+trained first, KDP at 50 % MAC reduction, every export format.
+
+Example:
+    python -m pipelines.compress --output_dir=runs/demo
+    python -m pipelines.compress --flagfile=my.flags --restart
+"""
+
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+
+from pipelines.config import ALL_FORMATS, CRITERIA, METHODS, STAGE_FLAGS, STRATEGIES
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string(
+    "teacher", "resnet20",
+    "A trained teacher (.keras/.h5 file or SavedModel folder), or a zoo model name to train first.",
+)
+flags.DEFINE_string(
+    "student", "teacher",
+    "'teacher' (compress a copy of the teacher), a zoo model name, or a .keras/.h5 path.",
+)
+flags.DEFINE_string("dataset", "fashion_mnist", "fashion_mnist, npz:PATH or dir:PATH.")
+flags.DEFINE_enum("method", "kdp", METHODS, "Compression method.")
+flags.DEFINE_float("target_macs_reduction", 0.5, "Share of the student's MACs to remove, in (0, 1).")
+flags.DEFINE_enum("criterion", "l1", CRITERIA, "Channel importance criterion.")
+flags.DEFINE_integer("round_to", 4, "Kept channel counts are multiples of this (kernel-friendly).")
+flags.DEFINE_integer("teacher_epochs", 4, "Epochs to train a zoo teacher.")
+flags.DEFINE_integer("compress_epochs", 2, "Epochs of the compression stage (ADMM+KD, or KD).")
+flags.DEFINE_integer("finetune_epochs", 1, "Epochs of fine-tuning after stripping.")
+flags.DEFINE_integer("batch_size", 128, "Global batch size.")
+flags.DEFINE_float("teacher_lr", 0.1, "Peak learning rate of teacher training.")
+flags.DEFINE_float("lr", 0.05, "Peak learning rate of compression and fine-tuning.")
+flags.DEFINE_float("temperature", 4.0, "Soft-target KD temperature.")
+flags.DEFINE_integer(
+    "compress_train_subset", 0,
+    "Use only the first N training images in compress/finetune (0 = all).",
+)
+flags.DEFINE_list("formats", list(ALL_FORMATS), f"Export formats, from {ALL_FORMATS}.")
+flags.DEFINE_list("threads", ["1"], "Thread counts for latency measurement.")
+flags.DEFINE_integer("verify_samples", 1000, "Test images used to verify artifacts.")
+flags.DEFINE_integer("latency_repeat", 200, "Timed runs per artifact and runtime.")
+flags.DEFINE_string("output_dir", "runs/compress", "Where stages, artifacts and the report go.")
+flags.DEFINE_integer("seed", 0, "Seed of initialisation, shuffling and augmentation.")
+flags.DEFINE_enum("strategy", "default", STRATEGIES, "tf.distribute strategy for training.")
+flags.DEFINE_boolean("restart", False, "Discard finished stages in output_dir and start over.")
+
+
+flags.register_validator(
+    "target_macs_reduction", lambda v: 0.0 < v < 1.0,
+    message="--target_macs_reduction must lie strictly between 0 and 1",
+)
+flags.register_validator(
+    "formats", lambda v: bool(v) and all(f in ALL_FORMATS for f in v),
+    message=f"--formats must be a non-empty comma-separated subset of {','.join(ALL_FORMATS)}",
+)
+flags.register_validator(
+    "threads", lambda v: bool(v) and all(t.isdigit() and int(t) > 0 for t in v),
+    message="--threads must be a comma-separated list of positive integers, e.g. 1,2",
+)
+for _name in ("teacher_epochs", "compress_epochs", "batch_size", "verify_samples",
+              "latency_repeat", "round_to"):
+    flags.register_validator(_name, lambda v: v >= 1, message=f"--{_name} must be >= 1")
+flags.register_validator("finetune_epochs", lambda v: v >= 0, message="--finetune_epochs must be >= 0")
+flags.register_validator(
+    "compress_train_subset", lambda v: v >= 0, message="--compress_train_subset must be >= 0"
+)
+
+def resolved_flags():
+    """The values of this module's flags (what state.json and flags.json store)."""
+    names = sorted({f for stage_flags in STAGE_FLAGS.values() for f in stage_flags})
+    return {name: FLAGS[name].value for name in names}
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected positional arguments: {argv[1:]}")
+    # Imported here so `--help` and flag errors answer without loading TensorFlow.
+    from pipelines import workflow
+
+    values = resolved_flags()
+    values["output_dir"] = FLAGS.output_dir
+    start = time.time()
+    try:
+        report_md = workflow.run(values, restart=FLAGS.restart)
+    except (ValueError, FileNotFoundError) as error:
+        logging.error("%s", error)
+        print(f"tfkdp-compress: error: {error}", file=sys.stderr)
+        return 2
+    print(report_md)
+    print(f"Finished in {time.time() - start:.0f} s; outputs in {os.path.abspath(FLAGS.output_dir)}")
+    return 0
+
+
+def run():
+    """Console-script entry point (`tfkdp-compress`)."""
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,148 @@
+"""The pipeline's report: report.json, report.md and PNG plots.
+
+Plots use matplotlib's object API with the Agg canvas directly, so producing
+them changes no global backend or rc state.
+"""
+
+import os
+
+from pipelines.state import write_json_atomic
+
+REPORT_SCHEMA_VERSION = 1
+
+
+def _fmt(value, spec=".4f"):
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return format(value, spec)
+    return str(value)
+
+
+def _count(value):
+    if value is None:
+        return "-"
+    if value >= 1e6:
+        return f"{value / 1e6:.2f} M"
+    if value >= 1e3:
+        return f"{value / 1e3:.1f} k"
+    return str(value)
+
+
+def markdown(report):
+    """The report as Markdown tables."""
+    teacher, student = report["teacher"], report["student"]
+    lines = [
+        "# tfkdp compression report",
+        "",
+        f"Method `{report['flags'].get('method')}`, target MAC reduction "
+        f"{report['flags'].get('target_macs_reduction')}, dataset "
+        f"`{report['flags'].get('dataset')}`.",
+        "",
+        "| model | accuracy | MACs | params |",
+        "|---|---|---|---|",
+        f"| teacher | {_fmt(teacher['accuracy'])} | {_count(teacher['macs'])} | "
+        f"{_count(teacher['params'])} |",
+        f"| student | {_fmt(student['accuracy'])} | {_count(student['macs'])} | "
+        f"{_count(student['params'])} |",
+    ]
+    if teacher.get("macs") and student.get("macs"):
+        lines += [
+            "",
+            f"MAC reduction: {1 - student['macs'] / teacher['macs']:.1%}; "
+            f"parameter reduction: {1 - student['params'] / teacher['params']:.1%}.",
+        ]
+    lines += [
+        "",
+        "| format | size | max abs diff | top-1 agreement | accuracy | p50 ms | p90 ms | threads |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for a in report["artifacts"]:
+        lines.append(
+            f"| {a['format']} | {a['size_bytes'] / 1024:.1f} KiB | {_fmt(a.get('max_abs_diff'), '.2e')} "
+            f"| {_fmt(a.get('top1_agreement'))} | {_fmt(a.get('accuracy'))} "
+            f"| {_fmt(a.get('latency_ms_p50'), '.3f')} | {_fmt(a.get('latency_ms_p90'), '.3f')} "
+            f"| {a.get('threads', '-')} |"
+        )
+    lines += ["", "| stage | seconds |", "|---|---|"]
+    for stage, seconds in report["stages"].items():
+        lines.append(f"| {stage} | {seconds:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _figure(width=6.0, height=4.0):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), dpi=110)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _save(figure, path):
+    tmp = path + ".tmp.png"
+    figure.tight_layout()
+    figure.savefig(tmp)
+    os.replace(tmp, path)
+
+
+def plots(report, out_dir):
+    """Writes accuracy-vs-MACs, latency-per-format and kept-channels plots; returns their paths."""
+    paths = {}
+    points = [("teacher", report["teacher"]), ("student", report["student"])]
+    points += [(b["name"], b) for b in report.get("baselines", [])]
+    figure = _figure()
+    axis = figure.add_subplot()
+    for name, entry in points:
+        if entry.get("macs") and entry.get("accuracy") is not None:
+            axis.scatter(entry["macs"] / 1e6, entry["accuracy"] * 100, s=40)
+            axis.annotate(name, (entry["macs"] / 1e6, entry["accuracy"] * 100),
+                          textcoords="offset points", xytext=(5, 5))
+    axis.set_xlabel("MACs (millions, batch 1)")
+    axis.set_ylabel("test accuracy (%)")
+    axis.set_title("accuracy vs MACs")
+    axis.grid(alpha=0.3)
+    paths["accuracy_vs_macs"] = os.path.join(out_dir, "accuracy_vs_macs.png")
+    _save(figure, paths["accuracy_vs_macs"])
+
+    timed = [a for a in report["artifacts"] if a.get("latency_ms_p50") is not None]
+    if timed:
+        figure = _figure()
+        axis = figure.add_subplot()
+        labels = [f"{a['format']}\n{a.get('runtime', '')} t{a.get('threads', '')}" for a in timed]
+        axis.bar(range(len(timed)), [a["latency_ms_p50"] for a in timed], color="tab:blue")
+        axis.set_xticks(range(len(timed)), labels, rotation=45, ha="right", fontsize=7)
+        axis.set_ylabel("p50 latency (ms, batch 1)")
+        axis.set_title("latency per format")
+        paths["latency"] = os.path.join(out_dir, "latency.png")
+        _save(figure, paths["latency"])
+
+    channels = report["student"].get("channels") or {}
+    if channels:
+        figure = _figure(max(6.0, 0.25 * len(channels)), 4.0)
+        axis = figure.add_subplot()
+        names = list(channels)
+        axis.bar(range(len(names)), [channels[n]["size"] for n in names], color="lightgray",
+                 label="original")
+        axis.bar(range(len(names)), [channels[n]["kept"] for n in names], color="tab:green",
+                 label="kept")
+        axis.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
+        axis.set_ylabel("channels")
+        axis.set_title("kept channels per group")
+        axis.legend()
+        paths["channels"] = os.path.join(out_dir, "kept_channels.png")
+        _save(figure, paths["channels"])
+    return paths
+
+
+def write(report, out_dir):
+    """Writes report.json, report.md and the plots into `out_dir`; returns the Markdown."""
+    report = dict(report, schema_version=REPORT_SCHEMA_VERSION)
+    report["plots"] = {k: os.path.basename(v) for k, v in plots(report, out_dir).items()}
+    write_json_atomic(os.path.join(out_dir, "report.json"), report)
+    text = markdown(report)
+    tmp = os.path.join(out_dir, ".report.md.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, os.path.join(out_dir, "report.md"))
+    return text

@@ -1,0 +1,405 @@
+"""Wiring of the compress pipeline's stages: library calls only, one function per stage."""
+
+import contextlib
+import json
+import os
+import shutil
+import sys
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from pipelines import report as report_lib
+from pipelines.config import STAGE_FLAGS, STAGES
+from pipelines.state import StageRunner, write_json_atomic
+
+
+def _verbose():
+    # Progress bars in a terminal; one line per epoch in logs and CI.
+    return 1 if sys.stdout.isatty() else 2
+
+
+def _callbacks(ctx, stage):
+    """TensorBoard logs of a training stage under output_dir/tb/<stage>."""
+    log_dir = os.path.join(ctx.runner.output_dir, "tb", stage)
+    shutil.rmtree(log_dir, ignore_errors=True)  # a rerun of the stage replaces its logs
+    return [keras.callbacks.TensorBoard(log_dir=log_dir, write_graph=False, profile_batch=0)]
+
+
+class Context:
+    """What the stages share: flags, data, strategy, and the runner's folders."""
+
+    def __init__(self, values, runner):
+        from tfkdp import data
+
+        self.flags = values
+        self.runner = runner
+        (x_train, y_train), (x_test, y_test), self.num_classes = data.load_dataset(values["dataset"])
+        (self.x_train, self.y_train), (self.x_val, self.y_val) = data.validation_split(
+            x_train, y_train, 0.1, seed=values["seed"]
+        )
+        self.x_test, self.y_test = x_test, y_test
+        self.input_shape = tuple(int(d) for d in x_train.shape[1:])
+        self.strategy = _strategy(values["strategy"])
+
+    def datasets(self, subset=0):
+        from tfkdp import data
+
+        x, y = self.x_train, self.y_train
+        if subset:
+            x, y = x[:subset], y[:subset]
+        batch = self.flags["batch_size"]
+        train = data.make_dataset(x, y, batch, training=True, seed=self.flags["seed"])
+        val = data.make_dataset(self.x_val, self.y_val, 512)
+        return train, val
+
+    def test_inputs(self, limit=None):
+        from tfkdp import data
+
+        x = self.x_test if limit is None else self.x_test[:limit]
+        y = self.y_test if limit is None else self.y_test[:limit]
+        return data.preprocess(x).numpy(), np.asarray(y)
+
+    def path(self, stage, name):
+        return os.path.join(self.runner.stage_dir(stage), name)
+
+
+def _strategy(name):
+    if name == "default":
+        return tf.distribute.get_strategy()
+    devices = [d.name for d in tf.config.list_logical_devices("GPU")]
+    devices = devices or [d.name for d in tf.config.list_logical_devices("CPU")]
+    logging.info("MirroredStrategy over %s", devices)
+    return tf.distribute.MirroredStrategy(devices)
+
+
+def _scope(ctx):
+    return ctx.strategy.scope() if ctx.flags["strategy"] != "default" else contextlib.nullcontext()
+
+
+def _load_model(path, what):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--{what} {path!r} does not exist")
+    if os.path.isdir(path):
+        if not os.path.exists(os.path.join(path, "saved_model.pb")):
+            raise ValueError(f"--{what} {path!r} is a folder but not a SavedModel (no saved_model.pb)")
+        return None  # a SavedModel: only usable as an inference-only teacher
+    if not path.endswith((".keras", ".h5")):
+        raise ValueError(f"--{what} {path!r} must be a .keras or .h5 file or a SavedModel folder")
+    return keras.saving.load_model(path)
+
+
+def _summary(model, ctx):
+    from tfkdp import metrics
+
+    x, y = ctx.test_inputs()
+    return {
+        "accuracy": metrics.accuracy(model, x, y, batch_size=512),
+        "macs": metrics.count_macs(model),
+        "params": metrics.count_params(model),
+    }
+
+
+def _check_io(model, ctx, what):
+    out = model.output_shape[-1] if hasattr(model, "output_shape") else None
+    if out is not None and out != ctx.num_classes:
+        raise ValueError(
+            f"the {what} outputs {out} classes but dataset {ctx.flags['dataset']!r} has "
+            f"{ctx.num_classes}; pass a {what} trained for this dataset"
+        )
+    shape = tuple(model.input_shape[1:]) if hasattr(model, "input_shape") else None
+    if shape is not None and shape != ctx.input_shape:
+        raise ValueError(
+            f"the {what} expects inputs of shape {shape} but dataset {ctx.flags['dataset']!r} "
+            f"has images of shape {ctx.input_shape}"
+        )
+
+
+def load_teacher(ctx):
+    """The teacher model of the finished teacher stage (or the user's file)."""
+    record = ctx.runner.record("teacher")["summary"]
+    path = ctx.path("teacher", "teacher.keras") if record["trained_here"] else record["path"]
+    if os.path.isdir(path):
+        return path  # SavedModel folder: the Distiller wraps it inference-only
+    return keras.saving.load_model(path)
+
+
+def stage_teacher(ctx, work):
+    from tfkdp import metrics, models, training
+
+    spec = ctx.flags["teacher"]
+    if spec in models.names():
+        keras.utils.set_random_seed(ctx.flags["seed"])
+        with _scope(ctx):
+            model = models.get(spec, input_shape=ctx.input_shape, num_classes=ctx.num_classes)
+        train, val = ctx.datasets()
+        with _scope(ctx):
+            training.train_classifier(
+                model, train, val, epochs=ctx.flags["teacher_epochs"],
+                learning_rate=ctx.flags["teacher_lr"], callbacks=_callbacks(ctx, "teacher"),
+                verbose=_verbose(),
+            )
+        model.save(os.path.join(work, "teacher.keras"))
+        return dict(_summary(model, ctx), trained_here=True, path="teacher.keras")
+    model = _load_model(spec, "teacher")
+    if model is None:
+        layer = keras.layers.TFSMLayer(spec, call_endpoint="serving_default")
+        inputs = keras.Input(ctx.input_shape)
+        outputs = layer(inputs)
+        if isinstance(outputs, dict):
+            outputs = next(iter(outputs.values()))
+        wrapped = keras.Model(inputs, outputs)
+        x, y = ctx.test_inputs()
+        _check_io(wrapped, ctx, "teacher")
+        return {
+            "accuracy": metrics.accuracy(wrapped, x, y), "macs": None, "params": None,
+            "trained_here": False, "path": os.path.abspath(spec),
+        }
+    _check_io(model, ctx, "teacher")
+    return dict(_summary(model, ctx), trained_here=False, path=os.path.abspath(spec))
+
+
+def build_student(ctx, teacher):
+    from tfkdp import models
+
+    spec = ctx.flags["student"]
+    if spec == "teacher":
+        if not isinstance(teacher, keras.Model):
+            raise ValueError(
+                "--student=teacher needs a Keras teacher (.keras/.h5 or a zoo name); a SavedModel "
+                "teacher is inference-only: pass --student=<zoo name or .keras path>"
+            )
+        student = keras.models.clone_model(teacher)
+        student.set_weights(teacher.get_weights())
+        return student
+    if spec in models.names():
+        keras.utils.set_random_seed(ctx.flags["seed"])
+        return models.get(spec, input_shape=ctx.input_shape, num_classes=ctx.num_classes)
+    student = _load_model(spec, "student")
+    if student is None:
+        raise ValueError(f"--student {spec!r} must be a Keras model file, not a SavedModel")
+    _check_io(student, ctx, "student")
+    return student
+
+
+def _distillation_losses(ctx):
+    from tfkdp.losses import SoftTargetKD
+
+    return [SoftTargetKD(temperature=ctx.flags["temperature"])]
+
+
+def _channels(groups, plan):
+    return {
+        g.id: {"size": g.size, "kept": len(plan[g.id]) if g.id in plan else g.size}
+        for g in groups if g.prunable
+    }
+
+
+def stage_compress(ctx, work):
+    """kdp: ADMM + KD, then the hard prune; prune_only: criterion prune; kd_only: KD.
+
+    Writes `masked.keras` (the student with pruned channels at zero) and `plan.json`.
+    """
+    from tfkdp import criteria, pruner
+    from tfkdp.graph import channel_groups
+    from tfkdp.masking import apply_plan
+    from tfkdp.methods import kdp
+    from tfkdp.plan import PruningPlan
+
+    method = ctx.flags["method"]
+    train, val = ctx.datasets(ctx.flags["compress_train_subset"])
+    with _scope(ctx):
+        teacher = load_teacher(ctx)
+        student = build_student(ctx, teacher)
+        groups = channel_groups(student)
+        if method == "prune_only":
+            crit = criteria.get(ctx.flags["criterion"])
+            plan = pruner.make_plan(
+                student, groups=groups, target_macs_reduction=ctx.flags["target_macs_reduction"],
+                criterion=crit, round_to=ctx.flags["round_to"],
+                data=train if crit.requires_data else None,
+            )
+        else:
+            _, plan, _ = kdp.compress(
+                teacher, student, train, val,
+                target_macs_reduction=ctx.flags["target_macs_reduction"] if method == "kdp" else None,
+                method=method, admm_epochs=ctx.flags["compress_epochs"], finetune_epochs=0,
+                criterion=ctx.flags["criterion"], round_to=ctx.flags["round_to"],
+                learning_rate=ctx.flags["lr"], distillation_losses=_distillation_losses(ctx),
+                recalibrate_bn=0, callbacks=_callbacks(ctx, "compress"), verbose=_verbose(),
+            )
+        masked = apply_plan(student, plan) if len(plan) else student
+    masked.save(os.path.join(work, "masked.keras"))
+    with open(os.path.join(work, "plan.json"), "w") as f:
+        f.write(plan.to_json())
+    if not isinstance(plan, PruningPlan):
+        raise TypeError(f"expected a PruningPlan, got {type(plan).__name__}")
+    return {"plan": json.loads(plan.to_json()), "channels": _channels(groups, plan)}
+
+
+def stage_strip(ctx, work):
+    """Removes the pruned channels; checks the small model computes what the masked one does."""
+    from tfkdp.plan import PruningPlan
+    from tfkdp.surgery import strip_channels
+
+    masked = keras.saving.load_model(ctx.path("compress", "masked.keras"))
+    with open(ctx.path("compress", "plan.json")) as f:
+        plan = PruningPlan.from_json(f.read())
+    small = strip_channels(masked, plan) if len(plan) else masked
+    x, _ = ctx.test_inputs(256)
+    expected = masked.predict(x, verbose=0)
+    got = small.predict(x, verbose=0)
+    diff = float(np.max(np.abs(expected - got)))
+    scale = float(np.max(np.abs(expected))) or 1.0
+    # 1e-5 of the output scale: float32 sums in another order, nothing more.
+    if diff > 1e-5 * scale:
+        raise ValueError(
+            f"stripped model differs from the masked model by {diff:.3g} (output scale "
+            f"{scale:.3g}); refusing to continue with a model that computes something else"
+        )
+    small.save(os.path.join(work, "stripped.keras"))
+    from tfkdp import metrics
+
+    return {"max_abs_diff_vs_masked": diff, "macs": metrics.count_macs(small),
+            "params": metrics.count_params(small)}
+
+
+def stage_finetune(ctx, work):
+    """KD fine-tune of the stripped student (plain fine-tune for prune_only)."""
+    from tfkdp import training
+    from tfkdp.methods import kdp
+
+    method = ctx.flags["method"]
+    epochs = ctx.flags["finetune_epochs"]
+    if method == "prune_only":
+        # prune_only trains no earlier stage: it gets the same total epochs here.
+        epochs += ctx.flags["compress_epochs"]
+    train, val = ctx.datasets(ctx.flags["compress_train_subset"])
+    with _scope(ctx):
+        student = keras.saving.load_model(ctx.path("strip", "stripped.keras"))
+        if epochs and method == "prune_only":
+            training.train_classifier(student, train, val, epochs=epochs,
+                                      learning_rate=ctx.flags["lr"],
+                                      callbacks=_callbacks(ctx, "finetune"), verbose=_verbose())
+            kdp.recalibrate_batchnorm(student, train)
+        elif epochs:
+            teacher = load_teacher(ctx)
+            student, _, _ = kdp.compress(
+                teacher, student, train, val, method="kd_only", admm_epochs=0,
+                finetune_epochs=epochs, learning_rate=ctx.flags["lr"],
+                distillation_losses=_distillation_losses(ctx),
+                callbacks=_callbacks(ctx, "finetune"), verbose=_verbose(),
+            )
+    student.save(os.path.join(work, "student.keras"))
+    return dict(_summary(student, ctx), epochs=epochs)
+
+
+def stage_export(ctx, work):
+    import export
+    from tfkdp import data
+
+    model = keras.saving.load_model(ctx.path("finetune", "student.keras"))
+    calibration = data.preprocess(ctx.x_train[:256]).numpy()
+    artifacts = export.export_model(
+        model, os.path.join(work, "artifacts"), formats=tuple(ctx.flags["formats"]),
+        calibration=calibration,
+    )
+    return {"artifacts": {fmt: os.path.relpath(p, work) for fmt, p in artifacts.items()}}
+
+
+def _artifacts(ctx):
+    summary = ctx.runner.record("export")["summary"]
+    return {fmt: os.path.join(ctx.runner.stage_dir("export"), rel)
+            for fmt, rel in summary["artifacts"].items()}
+
+
+def stage_verify(ctx, work):
+    import export
+
+    model = keras.saving.load_model(ctx.path("finetune", "student.keras"))
+    x, y = ctx.test_inputs(ctx.flags["verify_samples"])
+    results = export.verify(model, _artifacts(ctx), x, y)
+    write_json_atomic(os.path.join(work, "verify.json"), results)
+    return {"results": results}
+
+
+def stage_latency(ctx, work):
+    import export
+
+    rows = export.benchmark_latency(
+        _artifacts(ctx), ctx.input_shape,
+        threads=tuple(int(t) for t in ctx.flags["threads"]),
+        repeat=ctx.flags["latency_repeat"],
+    )
+    write_json_atomic(os.path.join(work, "latency.json"), rows)
+    return {"rows": rows}
+
+
+def stage_report(ctx, work):
+    runner = ctx.runner
+    teacher = {k: runner.record("teacher")["summary"][k] for k in ("accuracy", "macs", "params")}
+    finetune = runner.record("finetune")["summary"]
+    compress = runner.record("compress")["summary"]
+    student = {k: finetune[k] for k in ("accuracy", "macs", "params")}
+    student["plan"] = compress.get("plan")
+    student["channels"] = compress.get("channels", {})
+    verify = runner.record("verify")["summary"]["results"]
+    latency = runner.record("latency")["summary"]["rows"]
+    artifacts = []
+    for fmt, path in _artifacts(ctx).items():
+        checked = verify.get(fmt, {})
+        timed = [r for r in latency if r.get("format") == fmt] or [{}]
+        for row in timed:
+            artifacts.append({
+                "format": fmt,
+                "path": os.path.relpath(path, runner.output_dir),
+                "size_bytes": _size(path),
+                "max_abs_diff": checked.get("max_abs_diff"),
+                "top1_agreement": checked.get("top1_agreement"),
+                "accuracy": checked.get("accuracy"),
+                "runtime": row.get("runtime"),
+                "latency_ms_p50": row.get("p50_ms"),
+                "latency_ms_p90": row.get("p90_ms"),
+                "threads": row.get("threads"),
+            })
+    stages = {s: runner.record(s)["seconds"] for s in STAGES if s != "report" and runner.done(s)}
+    report = {
+        "teacher": teacher, "student": student, "artifacts": artifacts, "stages": stages,
+        "flags": ctx.flags, "baselines": compress.get("baselines", []),
+    }
+    return {"markdown": report_lib.write(report, work)}
+
+
+def _size(path):
+    if os.path.isdir(path):
+        return sum(os.path.getsize(os.path.join(root, f))
+                   for root, _, files in os.walk(path) for f in files)
+    return os.path.getsize(path)
+
+
+_STAGE_FNS = {
+    "teacher": stage_teacher, "compress": stage_compress, "strip": stage_strip,
+    "finetune": stage_finetune, "export": stage_export, "verify": stage_verify,
+    "latency": stage_latency, "report": stage_report,
+}
+
+
+def run(values, restart=False):
+    """Runs (or resumes) every stage; returns the report as Markdown."""
+    output_dir = values["output_dir"]
+    flags_only = {k: v for k, v in values.items() if k != "output_dir"}
+    runner = StageRunner(output_dir, flags_only, STAGE_FLAGS, restart=restart)
+    write_json_atomic(os.path.join(runner.output_dir, "flags.json"), values)
+    ctx = Context(flags_only, runner)
+    for index, stage in enumerate(STAGES, 1):
+        was_done = runner.done(stage)
+        summary = runner.run(stage, lambda work, s=stage: _STAGE_FNS[s](ctx, work))
+        seconds = runner.record(stage)["seconds"]
+        note = "resumed: finished earlier" if was_done else f"{seconds:.1f} s"
+        print(f"[{index}/{len(STAGES)}] {stage:<9} done ({note})", flush=True)
+    report_dir = runner.stage_dir("report")
+    for name in os.listdir(report_dir):
+        shutil.copy2(os.path.join(report_dir, name), os.path.join(runner.output_dir, name))
+    return summary["markdown"] if isinstance(summary, dict) and "markdown" in summary else json.dumps(summary)

@@ -1,0 +1,414 @@
+"""Pruning policy: channel groups × criterion × budget → `PruningPlan`.
+
+A budget is a target **MAC reduction** (0.5 = the stripped model does half the
+multiply-accumulates) or **parameter reduction**, never a channel ratio:
+removing half of a conv's output channels also halves the next conv's input
+channels, so the MAC ratio is not the channel ratio.
+
+Allocation:
+- `"global"`: within a group, channels are removed least important first;
+  removing a group's first j channels is scored by the share of the group's
+  total importance they hold (scores normalised per group, in [0, 1]),
+  divided by `(relative cost of one of the group's channels) ** cost_exponent`
+  (MAC cost for a MAC target, parameter cost for a parameter target: a channel
+  in a 28×28 stage costs more than one at 7×7). These removal steps are ranked
+  across all groups and taken in order until the target is met.
+- `"uniform"`: every prunable group keeps the same fraction of its channels;
+  the criterion picks which.
+
+Both respect `min_channels` (a group never keeps fewer) and `round_to` (kept
+counts are multiples of it, kernel-friendly; a group smaller than that keeps
+all), never touch unprunable groups, and land within `tolerance` (relative to
+the target's remaining MACs/params) by finishing with single `round_to` steps
+on individual groups. Costs come from an exact analytic model of the stripped
+model (each conv/dense costs its MACs × kept-in/in × kept-out/out), checked
+against the stripped model when `verify=True`.
+"""
+
+import math
+
+import numpy as np
+from absl import logging
+
+from tfkdp import criteria as criteria_lib
+from tfkdp import metrics
+
+__all__ = ["make_plan", "prune", "plan_cost", "CostModel", "ALLOCATIONS"]
+
+ALLOCATIONS = ("global", "uniform")
+_MAC_KERNELS = ("kernel", "depthwise_kernel")
+
+
+def _graph():
+    from tfkdp import graph
+
+    return graph
+
+
+class CostModel:
+    """Exact MACs and parameters of the stripped model for any keep counts.
+
+    Args:
+        model: a built functional model.
+        groups: its `ChannelGroup`s (computed when omitted).
+
+    Example:
+        >>> cost = CostModel(model)
+        >>> cost.macs({"stem_conv": 8}) < cost.macs({})
+        True
+    """
+
+    def __init__(self, model, groups=None):
+        graph = _graph()
+        self.groups = list(groups) if groups is not None else graph.channel_groups(model)
+        self.index = {g.id: i for i, g in enumerate(self.groups)}
+        self.sizes = np.array([g.size for g in self.groups], dtype=np.int64)
+        # weight key -> {"shape", "axes": {axis: [(group index, repeat)]}}
+        weights = {}
+        for gi, group in enumerate(self.groups):
+            for ref in tuple(group.out_params) + tuple(group.in_params):
+                key = (ref.layer, ref.attr)
+                if key not in weights:
+                    shape = tuple(int(d) for d in graph.get_weight(model, ref).shape)
+                    weights[key] = {"shape": shape, "axes": {}}
+                entry = weights[key]
+                axis = int(ref.axis) % len(entry["shape"])
+                # Entries per channel on that axis: spatial positions after Flatten × depth multiplier.
+                repeat = int(getattr(ref, "repeat", 1) or 1) * int(getattr(ref, "block", 1) or 1)
+                entry["axes"].setdefault(axis, []).append((gi, repeat))
+        self._weights = weights
+        self.base_params = metrics.count_params(model)
+        self.base_macs = 0
+        # MAC terms: (macs at full width, [(weight key, axes)]); a product of kept fractions.
+        self._mac_terms = []
+        for path, macs in metrics.layer_macs(model):
+            self.base_macs += macs
+            layer = graph.get_layer(model, path)
+            if hasattr(layer, "pointwise_kernel") and hasattr(layer, "depthwise_kernel"):
+                # SeparableConv: depthwise part ∝ cin·mult·k, pointwise ∝ cin·mult·cout.
+                k = int(np.prod(layer.kernel_size))
+                cout = int(layer.pointwise_kernel.shape[-1])
+                self._mac_terms.append((macs * k / (k + cout), [(path, "depthwise_kernel")]))
+                self._mac_terms.append((macs * cout / (k + cout), [(path, "pointwise_kernel")]))
+                continue
+            attr = next((a for a in _MAC_KERNELS if hasattr(layer, a)), None)
+            self._mac_terms.append((macs, [(path, attr)] if attr else []))
+
+    def _kept_dims(self, key, pruned):
+        entry = self._weights[key]
+        dims = list(entry["shape"])
+        for axis, refs in entry["axes"].items():
+            dims[axis] -= sum(int(pruned[gi]) * rep for gi, rep in refs)
+        return entry["shape"], dims
+
+    def _pruned(self, keep):
+        pruned = np.zeros(len(self.groups), dtype=np.int64)
+        for gid, k in _keep_counts(keep).items():
+            if gid not in self.index:
+                raise ValueError(f"unknown group id {gid!r}; groups are {sorted(self.index)}")
+            pruned[self.index[gid]] = self.sizes[self.index[gid]] - k
+        return pruned
+
+    def macs_for_pruned(self, pruned):
+        total = 0.0
+        for macs, kernels in self._mac_terms:
+            factor = 1.0
+            for key in kernels:
+                if key not in self._weights:
+                    continue
+                shape, dims = self._kept_dims(key, pruned)
+                for full, kept in zip(shape, dims, strict=True):
+                    if full != kept:
+                        factor *= kept / full
+            total += macs * factor
+        return total
+
+    def params_for_pruned(self, pruned):
+        total = float(self.base_params)
+        for key in self._weights:
+            shape, dims = self._kept_dims(key, pruned)
+            total -= math.prod(shape) - math.prod(dims)
+        return total
+
+    def macs(self, keep):
+        """MACs of the stripped model that keeps `keep` (`{group_id: count or indices}`)."""
+        return int(round(self.macs_for_pruned(self._pruned(keep))))
+
+    def params(self, keep):
+        """Parameters of the stripped model that keeps `keep`."""
+        return int(round(self.params_for_pruned(self._pruned(keep))))
+
+
+def _keep_counts(keep):
+    if keep is None:
+        return {}
+    items = keep.items() if hasattr(keep, "items") else keep
+    return {gid: (len(v) if isinstance(v, (list, tuple, np.ndarray)) else int(v)) for gid, v in items}
+
+
+def plan_cost(model, plan, groups=None):
+    """`{"macs", "params", "macs_reduction", "params_reduction"}` of `model` stripped by `plan`."""
+    cost = CostModel(model, groups)
+    macs, params = cost.macs(plan), cost.params(plan)
+    return {
+        "macs": macs,
+        "params": params,
+        "macs_reduction": 1.0 - macs / cost.base_macs,
+        "params_reduction": 1.0 - params / cost.base_params,
+    }
+
+
+def _check_fraction(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+        raise ValueError(f"{name} must be a number in (0, 1); received {name}={value!r}")
+
+
+def _round_up(value, multiple, size):
+    return min(size, int(math.ceil(value / multiple) * multiple))
+
+
+def make_plan(
+    model,
+    target_macs_reduction=None,
+    target_params_reduction=None,
+    criterion="l1",
+    allocation="global",
+    min_channels=1,
+    round_to=1,
+    data=None,
+    groups=None,
+    scores=None,
+    cost_exponent=0.5,
+    tolerance=0.02,
+    verify=True,
+):
+    """A `PruningPlan` that meets a MAC or parameter reduction target.
+
+    Args:
+        model: the functional model to prune (not modified).
+        target_macs_reduction: fraction of MACs to remove, in (0, 1).
+        target_params_reduction: fraction of parameters to remove, in (0, 1);
+            give exactly one of the two targets.
+        criterion: a name from `tfkdp.criteria.names()` or a `Criterion`.
+        allocation: `"global"` or `"uniform"` (see the module docstring).
+        min_channels: fewest channels any pruned group keeps (>= 1).
+        round_to: kept counts are multiples of this (>= 1).
+        data: batches for data-driven criteria (`"taylor"`).
+        groups: the model's `ChannelGroup`s (computed when omitted).
+        scores: precomputed `{group_id: scores}`; replaces `criterion`.
+        cost_exponent: how strongly global allocation prefers removing
+            expensive channels: 0 ranks by normalised importance only, 1 by
+            importance per MAC.
+        tolerance: allowed relative deviation of the stripped model's MACs
+            (or params) from the target's, e.g. 0.02 = 2 %.
+        verify: check the analytic count against the stripped model.
+
+    Returns:
+        A `PruningPlan`; groups it does not name keep all their channels.
+
+    Raises:
+        ValueError: for bad arguments, or a target that cannot be reached (the
+            message gives the largest reachable reduction) or hit within
+            `tolerance` with this `round_to`.
+
+    Example:
+        >>> plan = make_plan(model, target_macs_reduction=0.5, criterion="l1", round_to=4)
+    """
+    from tfkdp.plan import PruningPlan
+
+    if (target_macs_reduction is None) == (target_params_reduction is None):
+        raise ValueError(
+            "give exactly one of target_macs_reduction and target_params_reduction; received "
+            f"target_macs_reduction={target_macs_reduction!r}, "
+            f"target_params_reduction={target_params_reduction!r}"
+        )
+    kind = "macs" if target_macs_reduction is not None else "params"
+    target_reduction = target_macs_reduction if kind == "macs" else target_params_reduction
+    _check_fraction(f"target_{kind}_reduction", target_reduction)
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {ALLOCATIONS}; received allocation={allocation!r}")
+    for name, value in (("min_channels", min_channels), ("round_to", round_to)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1; received {name}={value!r}")
+    if isinstance(cost_exponent, bool) or not isinstance(cost_exponent, (int, float)) or cost_exponent < 0:
+        raise ValueError(f"cost_exponent must be a number >= 0; received cost_exponent={cost_exponent!r}")
+    _check_fraction("tolerance", tolerance)
+
+    cost = CostModel(model, groups)
+    evaluate = cost.macs_for_pruned if kind == "macs" else cost.params_for_pruned
+    base = cost.base_macs if kind == "macs" else cost.base_params
+    target = (1.0 - target_reduction) * base
+
+    prunable = [i for i, g in enumerate(cost.groups) if g.prunable]
+    floors = np.array(
+        [_round_up(max(min_channels, 1), round_to, int(g.size)) for g in cost.groups], dtype=np.int64
+    )
+    max_pruned = np.zeros(len(cost.groups), dtype=np.int64)
+    for i in prunable:
+        max_pruned[i] = cost.sizes[i] - floors[i]
+    smallest = evaluate(max_pruned)
+    if smallest > target * (1.0 + tolerance):
+        raise ValueError(
+            f"target_{kind}_reduction={target_reduction!r} is unreachable: the largest reachable "
+            f"{kind} reduction is {1.0 - smallest / base:.4f} with min_channels={min_channels}, "
+            f"round_to={round_to} ({len(cost.groups) - len(prunable)} of {len(cost.groups)} "
+            "groups are not prunable)"
+        )
+
+    if scores is None:
+        crit = criteria_lib.get(criterion)
+        scores = crit(model, [cost.groups[i] for i in prunable], data=data)
+    order = {}  # group index -> channel indices, least important first
+    for i in prunable:
+        group = cost.groups[i]
+        if group.id not in scores:
+            raise ValueError(f"scores has no entry for prunable group {group.id!r}")
+        s = np.asarray(scores[group.id], dtype=np.float64).reshape(-1)
+        if s.shape != (group.size,):
+            raise ValueError(f"scores[{group.id!r}] has {s.size} values; the group has {group.size}")
+        order[i] = np.argsort(s, kind="stable")
+
+    if allocation == "global":
+        pruned = _global_allocation(cost, evaluate, scores, order, max_pruned, target, cost_exponent, round_to)
+    else:
+        pruned = _uniform_allocation(cost, evaluate, max_pruned, target, round_to)
+    pruned = _refine(cost, evaluate, pruned, max_pruned, target, tolerance, round_to)
+    achieved = evaluate(pruned)
+    if abs(achieved - target) > tolerance * target:
+        raise ValueError(
+            f"target_{kind}_reduction={target_reduction!r} cannot be hit within tolerance={tolerance} "
+            f"with round_to={round_to}: the closest plan removes {1.0 - achieved / base:.4f}; "
+            "use a smaller round_to or a larger tolerance"
+        )
+    keep = {}
+    for i in prunable:
+        if pruned[i] > 0:
+            keep[cost.groups[i].id] = sorted(int(c) for c in order[i][pruned[i]:])
+    plan = PruningPlan(keep)
+    if verify:
+        _verify(model, plan, kind, achieved)
+    logging.info(
+        "make_plan: %s %s reduction %.4f (target %.4f), %d groups pruned",
+        allocation, kind, 1.0 - achieved / base, target_reduction, len(keep),
+    )
+    return plan
+
+
+def _global_allocation(cost, evaluate, scores, order, max_pruned, target, cost_exponent, round_to):
+    # Marginal cost of one channel of each group, relative to the mean.
+    zero = np.zeros(len(cost.groups), dtype=np.int64)
+    full = evaluate(zero)
+    marginal = {}
+    for i in order:
+        one = zero.copy()
+        one[i] = 1
+        marginal[i] = max(full - evaluate(one), 1e-12)
+    mean_marginal = float(np.mean(list(marginal.values()))) if marginal else 1.0
+    candidates = []
+    for i, idx in order.items():
+        s = np.maximum(np.asarray(scores[cost.groups[i].id], dtype=np.float64), 0.0)
+        # Normalised per group: the share of the group's total importance removed
+        # once its `rank + 1` least important channels are gone. It grows with
+        # every channel removed, so no group is emptied just because its scores
+        # are flat, and a group whose importance sits in few channels gives up
+        # the others cheaply.
+        share = np.cumsum(s[idx]) / max(float(np.sum(s)), 1e-30)
+        if not np.sum(s) > 0:
+            share = np.arange(1, s.size + 1) / s.size
+        weight = (marginal[i] / mean_marginal) ** cost_exponent
+        for rank in range(int(max_pruned[i])):
+            candidates.append((share[rank] / weight, i, rank))
+    candidates.sort(key=lambda t: (t[0], t[1], t[2]))
+    group_of = np.array([c[1] for c in candidates], dtype=np.int64)
+
+    def pruned_for(n):
+        pruned = np.bincount(group_of[:n], minlength=len(cost.groups)).astype(np.int64)
+        for i in order:
+            kept = _round_up(cost.sizes[i] - pruned[i], round_to, int(cost.sizes[i]))
+            pruned[i] = min(max_pruned[i], cost.sizes[i] - kept)
+        return pruned
+
+    lo, hi = 0, len(candidates)  # find the smallest n with cost <= target
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if evaluate(pruned_for(mid)) <= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    return pruned_for(lo)
+
+
+def _uniform_allocation(cost, evaluate, max_pruned, target, round_to):
+    def pruned_for(fraction):
+        pruned = np.zeros(len(cost.groups), dtype=np.int64)
+        for i in np.flatnonzero(max_pruned):
+            size = int(cost.sizes[i])
+            kept = _round_up(size * (1.0 - fraction), round_to, size)
+            pruned[i] = min(max_pruned[i], size - kept)
+        return pruned
+
+    lo, hi = 0.0, 1.0
+    for _ in range(50):
+        mid = 0.5 * (lo + hi)
+        if evaluate(pruned_for(mid)) <= target:
+            hi = mid
+        else:
+            lo = mid
+    return pruned_for(hi)
+
+
+def _refine(cost, evaluate, pruned, max_pruned, target, tolerance, round_to):
+    """Moves one group at a time to its next allowed kept count while that brings the cost closer."""
+    pruned = pruned.copy()
+    allowed = {}  # group index -> sorted allowed pruned counts
+    for i in np.flatnonzero(max_pruned):
+        size = int(cost.sizes[i])
+        kept = {size} | {k for k in range(round_to, size + 1, round_to) if size - k <= max_pruned[i]}
+        allowed[i] = sorted(size - k for k in kept)
+    error = abs(evaluate(pruned) - target)
+    for _ in range(200):
+        if error <= 0.5 * tolerance * target:
+            break
+        best = None
+        for i, options in allowed.items():
+            pos = int(np.searchsorted(options, pruned[i]))
+            for j in (pos - 1, pos + 1 if pos < len(options) and options[pos] == pruned[i] else pos):
+                if not 0 <= j < len(options) or options[j] == pruned[i]:
+                    continue
+                trial = pruned.copy()
+                trial[i] = options[j]
+                trial_error = abs(evaluate(trial) - target)
+                if trial_error < error and (best is None or trial_error < best[0]):
+                    best = (trial_error, trial)
+        if best is None:
+            break
+        error, pruned = best
+    return pruned
+
+
+def _verify(model, plan, kind, achieved):
+    from tfkdp import surgery
+
+    exact = surgery.plan_macs(model, plan) if kind == "macs" else surgery.plan_params(model, plan)
+    if abs(exact - achieved) > 1e-6 * max(exact, 1) + 0.5:
+        raise RuntimeError(
+            f"internal cost model disagrees with the stripped model: {kind} {achieved:.0f} vs "
+            f"{exact} for plan {plan!r}; please report this model"
+        )
+
+
+def prune(model, target_macs_reduction=None, **kwargs):
+    """`make_plan` then `apply_plan`: returns `(masked_model, plan)`.
+
+    Args:
+        model: the model to prune (not modified).
+        target_macs_reduction: see `make_plan`.
+        **kwargs: forwarded to `make_plan`.
+
+    Returns:
+        `(masked_model, plan)`; strip it later with `tfkdp.surgery.strip_channels`.
+    """
+    from tfkdp.masking import apply_plan
+
+    plan = make_plan(model, target_macs_reduction=target_macs_reduction, **kwargs)
+    return apply_plan(model, plan), plan
