@@ -70,9 +70,17 @@ def _strategy(name):
     if name == "default":
         return tf.distribute.get_strategy()
     devices = [d.name for d in tf.config.list_logical_devices("GPU")]
-    devices = devices or [d.name for d in tf.config.list_logical_devices("CPU")]
-    logging.info("MirroredStrategy over %s", devices)
-    return tf.distribute.MirroredStrategy(devices)
+    if devices:
+        logging.info("MirroredStrategy over %s", devices)
+        return tf.distribute.MirroredStrategy(devices)
+    devices = [d.name for d in tf.config.list_logical_devices("CPU")]
+    logging.info("MirroredStrategy over %s (CPU only: reduction through one device)", devices)
+    # CPU devices share one host's memory, so collectives buy nothing there; and
+    # collective instance keys of an earlier strategy in the same process can
+    # collide with this one's ("Shape mismatch in the collective instance").
+    return tf.distribute.MirroredStrategy(
+        devices, cross_device_ops=tf.distribute.ReductionToOneDevice()
+    )
 
 
 def _scope(ctx):

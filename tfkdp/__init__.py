@@ -23,6 +23,7 @@ from tfkdp import (
     surgery,
     training,
 )
+from tfkdp.admm import ADMM
 from tfkdp.distiller import Distiller
 from tfkdp.graph import ChannelGroup, ParamRef, channel_groups, register_layer
 from tfkdp.losses import AttentionTransfer, DecoupledKD, HintLoss, SoftTargetKD
@@ -65,7 +66,8 @@ __all__ = [
     "fold_batchnorm",
     "plan_macs",
     "plan_params",
-    # distillation
+    # distillation and ADMM
+    "ADMM",
     "Distiller",
     "SoftTargetKD",
     "HintLoss",
