@@ -8,12 +8,14 @@ for one training instead of each starting its own.
 import fcntl
 import json
 import os
+import platform
 import tempfile
 import time
 
 import keras
 import numpy as np
 
+from export._atomic import write_bytes_atomic
 from tfkdp import data, metrics, models, training
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -84,18 +86,24 @@ def get_teacher(name="resnet32", epochs=4, width=16, seed=0, learning_rate=0.1, 
 def write_json(path, payload):
     """Writes JSON atomically (temp file in the same folder, then rename)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=os.path.dirname(path) or ".")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2, default=_jsonable)
-    os.replace(tmp, path)
+    write_bytes_atomic(path, json.dumps(payload, indent=2, default=_jsonable).encode("utf-8"))
 
 
 def write_text(path, text):
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=os.path.dirname(path) or ".")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def cpu_name():
+    """The CPU model name, for benchmark headers."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def markdown_table(rows, columns):

@@ -18,7 +18,6 @@ Writes benchmarks/results/export.json and benchmarks/results/export.md.
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -35,17 +34,6 @@ import export  # noqa: E402
 from benchmarks import common  # noqa: E402
 from export.latency import runtime_versions, summarize, time_calls  # noqa: E402
 from tfkdp import data, metrics, training  # noqa: E402
-
-
-def _cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _stripped_resnet20(base, train, test, finetune_epochs, seed, round_to):
@@ -227,7 +215,7 @@ def main(argv=None):
     result = {
         "command": "flock /tmp/tfkdp-bench.lock .venv/bin/python -m benchmarks.export "
         + " ".join(argv if argv is not None else sys.argv[1:]),
-        "cpu": _cpu_name(),
+        "cpu": common.cpu_name(),
         "cpu_count": os.cpu_count(),
         "versions": runtime_versions(),
         "settings": {

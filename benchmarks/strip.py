@@ -31,7 +31,6 @@ import argparse
 import contextlib
 import io
 import os
-import platform
 import sys
 import time
 
@@ -51,17 +50,6 @@ from tfkdp.surgery import fold_batchnorm, plan_macs, strip_channels  # noqa: E40
 
 INPUT_SHAPE = (32, 32, 3)
 KERNEL_ATTRS = ("kernel", "depthwise_kernel", "pointwise_kernel")
-
-
-def _cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def l1_scores(model, group):
@@ -233,7 +221,7 @@ def main(argv=None):
         "runtime": f"ai_edge_litert {litert_version}, XNNPACK, num_threads=1, batch 1, float32",
         "converter": f"tf.lite.TFLiteConverter.from_keras_model (TF {tf.__version__}) after fold_batchnorm",
         "timing": f"median of {args.runs} invokes per model, {args.block}-invoke blocks interleaved",
-        "cpu": _cpu_name(),
+        "cpu": common.cpu_name(),
         "cpu_count": os.cpu_count(),
         "wall_seconds": round(time.time() - started, 1),
         "rows": rows,

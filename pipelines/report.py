@@ -6,7 +6,7 @@ them changes no global backend or rc state.
 
 import os
 
-from pipelines.state import write_json_atomic
+from export._atomic import write_bytes_atomic, write_json_atomic
 
 REPORT_SCHEMA_VERSION = 1
 
@@ -141,8 +141,5 @@ def write(report, out_dir):
     report["plots"] = {k: os.path.basename(v) for k, v in plots(report, out_dir).items()}
     write_json_atomic(os.path.join(out_dir, "report.json"), report)
     text = markdown(report)
-    tmp = os.path.join(out_dir, ".report.md.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, os.path.join(out_dir, "report.md"))
+    write_bytes_atomic(os.path.join(out_dir, "report.md"), text.encode("utf-8"))
     return text

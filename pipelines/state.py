@@ -13,24 +13,9 @@ import time
 
 from absl import logging
 
+from export._atomic import write_json_atomic
+
 STATE_FILE = "state.json"
-
-
-def write_json_atomic(path, payload):
-    """Writes JSON to `path` through a temp file in the same folder and a rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 class FlagMismatchError(ValueError):

@@ -11,9 +11,10 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from export._atomic import tree_size_bytes, write_json_atomic
 from pipelines import report as report_lib
 from pipelines.config import STAGE_FLAGS, STAGES
-from pipelines.state import StageRunner, write_json_atomic
+from pipelines.state import StageRunner
 
 
 def _verbose():
@@ -363,7 +364,7 @@ def stage_report(ctx, work):
             artifacts.append({
                 "format": fmt,
                 "path": os.path.relpath(path, runner.output_dir),
-                "size_bytes": _size(path),
+                "size_bytes": tree_size_bytes(path),
                 "max_abs_diff": checked.get("max_abs_diff"),
                 "top1_agreement": checked.get("top1_agreement"),
                 "accuracy": checked.get("accuracy"),
@@ -378,13 +379,6 @@ def stage_report(ctx, work):
         "flags": ctx.flags, "baselines": compress.get("baselines", []),
     }
     return {"markdown": report_lib.write(report, work)}
-
-
-def _size(path):
-    if os.path.isdir(path):
-        return sum(os.path.getsize(os.path.join(root, f))
-                   for root, _, files in os.walk(path) for f in files)
-    return os.path.getsize(path)
 
 
 _STAGE_FNS = {
