@@ -88,15 +88,13 @@ def _scope(ctx):
     return ctx.strategy.scope() if ctx.flags["strategy"] != "default" else contextlib.nullcontext()
 
 
-def _load_model(path, what):
+def _load_student(path):
     if not os.path.exists(path):
-        raise FileNotFoundError(f"--{what} {path!r} does not exist")
-    if os.path.isdir(path):
-        if not os.path.exists(os.path.join(path, "saved_model.pb")):
-            raise ValueError(f"--{what} {path!r} is a folder but not a SavedModel (no saved_model.pb)")
-        return None  # a SavedModel: only usable as an inference-only teacher
-    if not path.endswith((".keras", ".h5")):
-        raise ValueError(f"--{what} {path!r} must be a .keras or .h5 file or a SavedModel folder")
+        raise FileNotFoundError(f"--student {path!r} does not exist")
+    if os.path.isdir(path) or not path.endswith((".keras", ".h5")):
+        raise ValueError(
+            f"--student {path!r} must be a .keras or .h5 file (a SavedModel is inference-only)"
+        )
     return keras.saving.load_model(path)
 
 
@@ -126,13 +124,16 @@ def _check_io(model, ctx, what):
         )
 
 
+def _teacher_path(ctx):
+    record = ctx.runner.record("teacher")["summary"]
+    return ctx.path("teacher", "teacher.keras") if record["trained_here"] else record["path"]
+
+
 def load_teacher(ctx):
     """The teacher model of the finished teacher stage (or the user's file)."""
-    record = ctx.runner.record("teacher")["summary"]
-    path = ctx.path("teacher", "teacher.keras") if record["trained_here"] else record["path"]
-    if os.path.isdir(path):
-        return path  # SavedModel folder: the Distiller wraps it inference-only
-    return keras.saving.load_model(path)
+    from tfkdp.distiller import load_teacher as load
+
+    return load(_teacher_path(ctx), input_shape=ctx.input_shape)
 
 
 def stage_teacher(ctx, work):
@@ -152,21 +153,17 @@ def stage_teacher(ctx, work):
             )
         model.save(os.path.join(work, "teacher.keras"))
         return dict(_summary(model, ctx), trained_here=True, path="teacher.keras")
-    model = _load_model(spec, "teacher")
-    if model is None:
-        layer = keras.layers.TFSMLayer(spec, call_endpoint="serving_default")
-        inputs = keras.Input(ctx.input_shape)
-        outputs = layer(inputs)
-        if isinstance(outputs, dict):
-            outputs = next(iter(outputs.values()))
-        wrapped = keras.Model(inputs, outputs)
+    from tfkdp.distiller import load_teacher as load
+
+    model = load(spec, input_shape=ctx.input_shape)
+    _check_io(model, ctx, "teacher")
+    if os.path.isdir(spec):
+        # A SavedModel runs inference-only through TFSMLayer: its cost is not countable.
         x, y = ctx.test_inputs()
-        _check_io(wrapped, ctx, "teacher")
         return {
-            "accuracy": metrics.accuracy(wrapped, x, y), "macs": None, "params": None,
+            "accuracy": metrics.accuracy(model, x, y), "macs": None, "params": None,
             "trained_here": False, "path": os.path.abspath(spec),
         }
-    _check_io(model, ctx, "teacher")
     return dict(_summary(model, ctx), trained_here=False, path=os.path.abspath(spec))
 
 
@@ -175,7 +172,7 @@ def build_student(ctx, teacher):
 
     spec = ctx.flags["student"]
     if spec == "teacher":
-        if not isinstance(teacher, keras.Model):
+        if os.path.isdir(_teacher_path(ctx)):
             raise ValueError(
                 "--student=teacher needs a Keras teacher (.keras/.h5 or a zoo name); a SavedModel "
                 "teacher is inference-only: pass --student=<zoo name or .keras path>"
@@ -186,9 +183,7 @@ def build_student(ctx, teacher):
     if spec in models.names():
         keras.utils.set_random_seed(ctx.flags["seed"])
         return models.get(spec, input_shape=ctx.input_shape, num_classes=ctx.num_classes)
-    student = _load_model(spec, "student")
-    if student is None:
-        raise ValueError(f"--student {spec!r} must be a Keras model file, not a SavedModel")
+    student = _load_student(spec)
     _check_io(student, ctx, "student")
     return student
 

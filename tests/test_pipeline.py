@@ -127,6 +127,24 @@ def test_pipeline_rejects_teacher_with_wrong_number_of_classes(tmp_path):
     assert keras.saving.load_model(path).output_shape == (None, 5)
 
 
+def test_pipeline_savedmodel_teacher_is_evaluated_but_not_copied_as_student(tmp_path):
+    from pipelines.state import StageRunner
+    from tfkdp import models
+
+    teacher = models.resnet_cifar(8, width=4, input_shape=(12, 12, 1), num_classes=3)
+    path = str(tmp_path / "teacher_sm")
+    teacher.export(path, format="tf_saved_model", verbose=False)
+    values = _values(tmp_path, teacher=path)
+    with pytest.raises(ValueError, match="SavedModel teacher is inference-only"):
+        workflow.run(values)
+    runner = StageRunner(values["output_dir"], {k: v for k, v in values.items()
+                                                if k != "output_dir"}, workflow.STAGE_FLAGS)
+    summary = runner.record("teacher")["summary"]
+    # evaluated through TFSMLayer: an accuracy, but no countable MACs or params
+    assert 0.0 <= summary["accuracy"] <= 1.0
+    assert summary["macs"] is None and summary["params"] is None
+
+
 def test_pipeline_missing_teacher_file_is_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.keras"):
         workflow.run(_values(tmp_path, teacher=str(tmp_path / "missing.keras")))
