@@ -585,16 +585,22 @@ class Producer(LayerHandler):
         return config
 
 
+def _depthwise_input(call):
+    """The one spatial input of a depthwise or separable conv, or why it cannot be pruned."""
+    layout, problem = _single_input(call)
+    problem = problem or _channels_last_problem(call) or _weight_problem(call)
+    if not problem and layout is not None and layout.is_flat:
+        problem = f"layer '{call.path}' reads a flattened tensor"
+    return layout, problem
+
+
 class _Depthwise(LayerHandler):
     """Depthwise convolution: channels pass through, `depth_multiplier` copies each."""
 
     maskable = {"kernel": "depthwise_constraint", "bias": "bias_constraint"}
 
     def propagate(self, call):
-        layout, problem = _single_input(call)
-        problem = problem or _channels_last_problem(call) or _weight_problem(call)
-        if not problem and layout is not None and layout.is_flat:
-            problem = f"layer '{call.path}' reads a flattened tensor"
+        layout, problem = _depthwise_input(call)
         if problem:
             return call.unprunable(problem)
         if layout is None:
@@ -618,10 +624,7 @@ class _Separable(LayerHandler):
     }
 
     def propagate(self, call):
-        layout, problem = _single_input(call)
-        problem = problem or _channels_last_problem(call) or _weight_problem(call)
-        if not problem and layout is not None and layout.is_flat:
-            problem = f"layer '{call.path}' reads a flattened tensor"
+        layout, problem = _depthwise_input(call)
         if problem:
             return call.unprunable(problem)
         if layout is not None:
