@@ -20,6 +20,7 @@ Writes benchmarks/results/kdp.json and kdp.md.
 import argparse
 import os
 import statistics
+import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -30,7 +31,7 @@ import tensorflow as tf  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from tfkdp import admm as admm_lib  # noqa: E402
-from tfkdp import metrics, models, training  # noqa: E402
+from tfkdp import metrics, models, pruner, surgery, training  # noqa: E402
 from tfkdp.distiller import Distiller  # noqa: E402
 from tfkdp.methods import kdp  # noqa: E402
 
@@ -38,12 +39,17 @@ from tfkdp.methods import kdp  # noqa: E402
 def _parse():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", type=float, default=0.51, help="MAC reduction target")
-    parser.add_argument("--epochs", type=int, default=2, help="total epochs per method")
-    parser.add_argument("--admm-epochs", type=int, default=1, help="kdp: ADMM epochs (rest: fine-tune)")
-    parser.add_argument("--train-subset", type=int, default=40000, help="training images (0 = all)")
+    parser.add_argument("--epochs", type=int, default=4, help="total epochs per method")
+    parser.add_argument(
+        "--admm-epochs", type=int, default=2, help="kdp: ADMM epochs (rest: fine-tune)"
+    )
+    parser.add_argument("--train-subset", type=int, default=0, help="training images (0 = all)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--learning-rate", type=float, default=0.05)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1], help="one run of (b)-(d) each"
+    )
+    parser.add_argument("--name", default="kdp", help="results file stem under benchmarks/results")
     parser.add_argument("--timing-steps", type=int, default=10, help="steps per timing round")
     parser.add_argument("--timing-rounds", type=int, default=5)
     return parser.parse_args()
@@ -72,7 +78,10 @@ def _step_time_ratio(teacher, keep, train, steps, rounds, learning_rate):
     """Median step time of the Distiller with the ADMM term over the one without."""
     batches = list(train.take(steps))
     fixed = tf.data.Dataset.from_tensor_slices(
-        (np.concatenate([b[0].numpy() for b in batches]), np.concatenate([b[1].numpy() for b in batches]))
+        (
+            np.concatenate([b[0].numpy() for b in batches]),
+            np.concatenate([b[1].numpy() for b in batches]),
+        )
     ).batch(int(batches[0][0].shape[0]))
     runs = {}
     for name in ("plain", "admm"):
@@ -102,66 +111,95 @@ def _step_time_ratio(teacher, keep, train, steps, rounds, learning_rate):
     }
 
 
+def _compress_all(teacher, args, seed, width):
+    """(b) prune_only, (d) kdp and (c) kd_only for one seed: `({key: result}, kdp plan)`."""
+    train, _ = common.datasets(args.batch_size, seed, args.train_subset or None)
+    teacher_macs = metrics.count_macs(teacher)
+    kwargs = dict(
+        admm_epochs=args.admm_epochs, finetune_epochs=args.epochs - args.admm_epochs,
+        learning_rate=args.learning_rate, verbose=2,
+    )  # fmt: skip
+    results, kdp_plan = {}, None
+    for method in ("prune_only", "kdp", "kd_only"):
+        keras.utils.set_random_seed(seed)
+        student, target = None, args.target
+        if method == "kd_only":
+            student, target = models.resnet_cifar(32, width=width), None
+        start = time.time()
+        small, plan, history = kdp.compress(
+            teacher, student, train, target_macs_reduction=target, method=method, **kwargs
+        )
+        r = {**_evaluate(small), "train_seconds": round(time.time() - start, 1)}
+        r["macs_reduction"] = 1.0 - r["macs"] / teacher_macs
+        if method == "kd_only":
+            r["width"] = width
+        else:
+            r["groups_pruned"] = len(plan)
+        if method == "kdp":
+            r["final_admm_sparsity_loss"] = history["admm"]["sparsity_loss"][-1]
+            kdp_plan = plan
+        results[method] = r
+        print(f"seed {seed} ({method}) {r}", flush=True)
+        keras.backend.clear_session()
+    return results, kdp_plan
+
+
 def main():
     args = _parse()
     wall = time.time()
-    keras.utils.set_random_seed(args.seed)
+    keras.utils.set_random_seed(args.seeds[0])
     teacher, teacher_info = common.get_teacher()  # resnet32, width 16, 4 epochs, cached
-    train, _ = common.datasets(args.batch_size, args.seed, args.train_subset or None)
     finetune_epochs = args.epochs - args.admm_epochs
-    rows, results = [], {}
 
     a = _evaluate(teacher)
+    train0, _ = common.datasets(args.batch_size, args.seeds[0], args.train_subset or None)
     recalibrated = kdp.copy_model(teacher)
-    kdp.recalibrate_batchnorm(recalibrated, train, 100)
+    kdp.recalibrate_batchnorm(recalibrated, train0, 100)
     a["test_accuracy_bn_recalibrated"] = common.test_accuracy(recalibrated)
-    results["teacher"] = {**a, "train_seconds": teacher_info["train_seconds"], "epochs": teacher_info["epochs"]}
+    a.update(train_seconds=teacher_info["train_seconds"], epochs=teacher_info["epochs"])
     print(f"(a) teacher: {a}", flush=True)
 
-    common_kwargs = dict(
-        target_macs_reduction=args.target, admm_epochs=args.admm_epochs,
-        finetune_epochs=finetune_epochs, learning_rate=args.learning_rate, verbose=2,
-    )  # fmt: skip
-    for key, method in (("prune_only", "prune_only"), ("kdp", "kdp")):
-        keras.utils.set_random_seed(args.seed)
-        start = time.time()
-        small, plan, history = kdp.compress(teacher, None, train, method=method, **common_kwargs)
-        seconds = time.time() - start
-        results[key] = {**_evaluate(small), "train_seconds": round(seconds, 1), "groups_pruned": len(plan)}
-        results[key]["macs_reduction"] = 1.0 - results[key]["macs"] / a["macs"]
-        if key == "kdp":
-            results[key]["final_admm_sparsity_loss"] = history["admm"]["sparsity_loss"][-1]
-            kdp_plan = plan
-        print(f"({key}) {results[key]}", flush=True)
-        keras.backend.clear_session()
+    # (c)'s dense student: the resnet32 width whose MACs are closest to the pruned model's,
+    # known before training because make_plan's cost model is exact.
+    plan = pruner.make_plan(teacher, target_macs_reduction=args.target)
+    width, _ = _narrow_resnet(32, surgery.plan_macs(teacher, plan), 16)
 
-    width, _ = _narrow_resnet(32, results["kdp"]["macs"], 16)
-    keras.utils.set_random_seed(args.seed)
-    student = models.resnet_cifar(32, width=width)
-    start = time.time()
-    kd_kwargs = dict(common_kwargs)
-    kd_kwargs.pop("target_macs_reduction")
-    small, _, _ = kdp.compress(teacher, student, train, method="kd_only", **kd_kwargs)
-    results["kd_only"] = {**_evaluate(small), "train_seconds": round(time.time() - start, 1), "width": width}
-    results["kd_only"]["macs_reduction"] = 1.0 - results["kd_only"]["macs"] / a["macs"]
-    print(f"(kd_only) {results['kd_only']}", flush=True)
-    keras.backend.clear_session()
+    per_seed, kdp_plan = {}, None
+    for seed in args.seeds:
+        per_seed[seed], plan = _compress_all(teacher, args, seed, width)
+        kdp_plan = kdp_plan or plan
 
     keep = {gid: len(idx) for gid, idx in kdp_plan.items()}
-    results["step_time"] = _step_time_ratio(
-        teacher, keep, train, args.timing_steps, args.timing_rounds, args.learning_rate
+    step_time = _step_time_ratio(
+        teacher, keep, train0, args.timing_steps, args.timing_rounds, args.learning_rate
     )
-    print(f"step time: {results['step_time']}", flush=True)
+    print(f"step time: {step_time}", flush=True)
 
+    summary = {}
+    for key in ("prune_only", "kd_only", "kdp"):
+        runs = [per_seed[seed][key] for seed in args.seeds]
+        accs = [r["test_accuracy"] for r in runs]
+        summary[key] = {
+            "test_accuracy_mean": statistics.fmean(accs),
+            "test_accuracy_per_seed": accs,
+            "test_accuracy_min": min(accs),
+            "test_accuracy_max": max(accs),
+            "train_seconds_mean": round(statistics.fmean(r["train_seconds"] for r in runs), 1),
+            **{k: runs[0][k] for k in ("macs", "params", "macs_reduction")},
+        }
     teacher_acc = a["test_accuracy"]
-    kdp_acc = results["kdp"]["test_accuracy"]
-    results["goals"] = {
+    kdp_acc = summary["kdp"]["test_accuracy_mean"]
+    goals = {
         "kdp_within_0.5pt_of_teacher": bool(teacher_acc - kdp_acc <= 0.005),
-        "kdp_ahead_of_prune_only": bool(kdp_acc > results["prune_only"]["test_accuracy"]),
-        "kdp_ahead_of_kd_only": bool(kdp_acc > results["kd_only"]["test_accuracy"]),
-        "admm_step_overhead_le_10pct": bool(results["step_time"]["ratio"] <= 1.10),
+        "kdp_ahead_of_prune_only": bool(kdp_acc > summary["prune_only"]["test_accuracy_mean"]),
+        "kdp_ahead_of_kd_only": bool(kdp_acc > summary["kd_only"]["test_accuracy_mean"]),
+        "admm_step_overhead_le_10pct": bool(step_time["ratio"] <= 1.10),
     }
-    results["setup"] = {
+    command = "flock /tmp/tfkdp-bench.lock .venv/bin/python -m benchmarks.kdp " + " ".join(
+        sys.argv[1:]
+    )
+    setup = {
+        "command": command.strip(),
         "dataset": "Fashion-MNIST (real), test set 10k",
         "train_images": args.train_subset or 60000,
         "epochs_per_method": args.epochs,
@@ -170,47 +208,57 @@ def main():
         "target_macs_reduction": args.target,
         "batch_size": args.batch_size,
         "learning_rate": args.learning_rate,
-        "seeds": [args.seed],
+        "seeds": args.seeds,
         "criterion": "l1 (global allocation)",
         "bn_recalibration_batches": 100,
         "teacher": f"resnet32 width 16, {teacher_info['epochs']} epochs on 60k (cached)",
         "cpu_cores": os.cpu_count(),
         "wall_seconds": round(time.time() - wall, 1),
     }
+    results = {
+        "teacher": a, **summary, "per_seed": per_seed, "step_time": step_time,
+        "goals": goals, "setup": setup,
+    }  # fmt: skip
 
-    for label, key in (("(a) teacher", "teacher"), ("(b) prune_only", "prune_only"),
-                       ("(c) kd_only (dense)", "kd_only"), ("(d) kdp", "kdp")):  # fmt: skip
-        r = results[key]
+    rows = [{
+        "model": "(a) teacher", "test acc (mean)": round(100 * teacher_acc, 2), "per seed": "-",
+        "MACs (M)": round(a["macs"] / 1e6, 2), "MAC reduction": 0.0,
+        "params (k)": round(a["params"] / 1e3, 1), "train s": a["train_seconds"],
+    }]  # fmt: skip
+    for label, key in (("(b) prune_only", "prune_only"), ("(c) kd_only (dense)", "kd_only"),
+                       ("(d) kdp", "kdp")):  # fmt: skip
+        r = summary[key]
         rows.append({
             "model": label,
-            "test acc": round(100 * r["test_accuracy"], 2),
+            "test acc (mean)": round(100 * r["test_accuracy_mean"], 2),
+            "per seed": " / ".join(f"{100 * x:.2f}" for x in r["test_accuracy_per_seed"]),
             "MACs (M)": round(r["macs"] / 1e6, 2),
-            "MAC reduction": round(r.get("macs_reduction", 0.0), 3),
+            "MAC reduction": round(r["macs_reduction"], 3),
             "params (k)": round(r["params"] / 1e3, 1),
-            "train s": r["train_seconds"],
+            "train s": r["train_seconds_mean"],
         })  # fmt: skip
     table = common.markdown_table(rows, list(rows[0]))
-    st = results["step_time"]
-    setup = results["setup"]
     text = (
         "## KDP (ADMM distillation with pruning) on Fashion-MNIST\n\n"
-        f"Command: `flock /tmp/tfkdp-bench.lock .venv/bin/python -m benchmarks.kdp`. "
-        f"{setup['train_images']} training images, {args.epochs} epochs per method "
-        f"(kdp: {args.admm_epochs} ADMM + {finetune_epochs} fine-tune), batch {args.batch_size}, "
-        f"peak LR {args.learning_rate}, 1 seed ({args.seed}), {setup['cpu_cores']} shared CPU cores; "
-        f"teacher {setup['teacher']}. BN statistics re-estimated over 100 batches at the end of "
-        f"(b)–(d); the teacher's test accuracy with the same re-estimation is "
+        f"Command: `{setup['command']}`. {setup['train_images']} training images, "
+        f"{args.epochs} epochs per method (kdp: {args.admm_epochs} ADMM + {finetune_epochs} "
+        f"fine-tune), batch {args.batch_size}, peak LR {args.learning_rate}, seeds "
+        f"{', '.join(map(str, args.seeds))} (mean and per-seed test accuracy), "
+        f"{setup['cpu_cores']} CPU cores; teacher {setup['teacher']}; (c) is a dense resnet32 "
+        f"of width {width}. BN statistics re-estimated over 100 batches at the end of (b)–(d); "
+        "the teacher's test accuracy with the same re-estimation is "
         f"{100 * a['test_accuracy_bn_recalibrated']:.2f} %.\n\n"
         f"{table}\n\n"
-        f"ADMM step-time overhead over the plain KD step (interleaved, median of {st['rounds']} "
-        f"rounds × {st['steps_per_round']} steps): {st['plain_step_ms']:.0f} ms → "
-        f"{st['admm_step_ms']:.0f} ms, ratio **{st['ratio']:.3f}**.\n\n"
-        "Goals at this budget: "
-        + ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in results["goals"].items())
+        f"ADMM step-time overhead over the plain KD step (interleaved, median of "
+        f"{step_time['rounds']} rounds × {step_time['steps_per_round']} steps): "
+        f"{step_time['plain_step_ms']:.0f} ms → {step_time['admm_step_ms']:.0f} ms, ratio "
+        f"**{step_time['ratio']:.3f}**.\n\n"
+        "Goals (on the means): "
+        + ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in goals.items())
         + f". Wall time {setup['wall_seconds']:.0f} s.\n"
     )
-    common.write_json(os.path.join(common.RESULTS_DIR, "kdp.json"), results)
-    common.write_text(os.path.join(common.RESULTS_DIR, "kdp.md"), text)
+    common.write_json(os.path.join(common.RESULTS_DIR, args.name + ".json"), results)
+    common.write_text(os.path.join(common.RESULTS_DIR, args.name + ".md"), text)
     print(text)
 
 

@@ -261,3 +261,55 @@ def test_admm_runs_inside_an_xla_compiled_step_with_steps_per_execution(tiny_ima
     assert int(admm.step.numpy()) == 8
     assert history.history["sparsity_loss"][-1] > 0.0
     assert admm.mask("stage3_block1_conv2").numpy().sum() == KEEP["stage3_block1_conv2"]
+
+
+def _plain_net(name, seed):
+    """Two convs and a Dense, no batch norm: per-replica results are those of one device."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((12, 12, 1))
+    x = keras.layers.Conv2D(6, 3, padding="same", activation="relu", name="conv1")(inputs)
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="conv2")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(3, name="logits")(x), name=name)
+
+
+def test_admm_under_mirrored_strategy_matches_single_device(tiny_images):
+    from tfkdp.distiller import Distiller
+
+    x, y = tiny_images  # 64 images; 4 global batches of 16, 8 per replica
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    assert strategy.num_replicas_in_sync == 2
+    init = [_plain_net("teacher", 3).get_weights(), _plain_net("student", 4).get_weights()]
+    runs = []
+    for scope in (strategy, None):
+        with scope.scope() if scope else tf.distribute.get_strategy().scope():
+            teacher, student = _plain_net("teacher", 3), _plain_net("student", 4)
+            teacher.set_weights(init[0])
+            student.set_weights(init[1])
+            schedule = schedules.PolynomialDecay(0.0, 0.5, 0, 4, frequency=2)
+            admm = admm_lib.ADMM(
+                student, {"conv1": 3, "conv2": 4}, sparsity_schedule=schedule,
+                rho=schedules.ExponentialRho(0.1, 2.0, 2, 1.0), update_every=2,
+            )  # fmt: skip
+            distiller = Distiller(teacher, student, sparsity=admm, sparsity_weight=1.0)
+            distiller.compile(
+                optimizer=keras.optimizers.SGD(0.1),
+                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            )
+        history = distiller.fit(x, y, batch_size=16, epochs=2, verbose=0, shuffle=False).history
+        if scope:  # every replica holds the same ADMM state
+            for v in admm.weights:
+                first, second = strategy.experimental_local_results(v.value)
+                np.testing.assert_array_equal(first.numpy(), second.numpy())
+        runs.append(
+            (history, [keras.ops.convert_to_numpy(v) for v in admm.weights + student.weights],
+             admm.sparsity_plan())
+        )  # fmt: skip
+    (dist_hist, dist_values, dist_plan), (single_hist, single_values, single_plan) = runs
+    assert int(dist_values[0]) == int(single_values[0]) == 8  # ADMM step = optimizer steps
+    np.testing.assert_allclose(dist_hist["sparsity_loss"], single_hist["sparsity_loss"], rtol=1e-4)
+    assert single_hist["sparsity_loss"][-1] > 0.0
+    for a, b in zip(dist_values, single_values, strict=True):  # Z, U, rho, masks, weights
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert dist_plan == single_plan
+    assert {gid: len(single_plan[gid]) for gid in single_plan} == {"conv1": 3, "conv2": 4}

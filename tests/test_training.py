@@ -15,6 +15,19 @@ def test_train_classifier_learns_structured_data(tiny_images):
     assert history.history["accuracy"][-1] >= 0.9
 
 
+def test_train_classifier_passes_steps_per_execution(tiny_images):
+    import keras
+
+    x, y = tiny_images
+    model = models.resnet_cifar(8, width=4, input_shape=(12, 12, 1), num_classes=3)
+    ds = data.make_dataset(x, y, batch_size=16, training=False)  # 4 batches
+    batch_ends = []
+    counter = keras.callbacks.LambdaCallback(on_train_batch_end=lambda b, logs: batch_ends.append(b))
+    training.train_classifier(model, ds, epochs=1, verbose=0, steps_per_execution=2, callbacks=[counter])
+    assert int(model.optimizer.iterations.numpy()) == 4
+    assert len(batch_ends) == 2  # one batch hook per compiled call of 2 steps
+
+
 def test_make_optimizer_warms_up_then_decays_to_zero():
     opt = training.make_optimizer(100, learning_rate=0.2, warmup_fraction=0.1)
     schedule = opt.learning_rate if callable(opt.learning_rate) else opt._learning_rate

@@ -294,6 +294,17 @@ class ADMM(keras.layers.Layer):
         Returns:
             A bool tensor, whether Z/U were updated.
         """
+        if tf.distribute.has_strategy() and not tf.distribute.in_cross_replica_context():
+            # Under a (mirrored) strategy the hook runs once per replica; assigning to
+            # the mirrored Z/U/ρ inside `tf.cond` there needs a merge_call, which
+            # TF does not allow in control flow. Do the update once, cross-replica.
+            return tf.distribute.get_replica_context().merge_call(
+                lambda strategy, it: self._step_end(strategy.experimental_local_results(it)[0]),
+                args=(iterations,),
+            )
+        return self._step_end(iterations)
+
+    def _step_end(self, iterations):
         step = tf.cast(iterations, tf.int64)
         self.step.assign(step)
         due = tf.equal(tf.math.floormod(step, self.update_every), 0)

@@ -95,6 +95,7 @@ def train_classifier(
     jit_compile="auto",
     callbacks=(),
     verbose=1,
+    steps_per_execution=1,
 ):
     """Trains a logits classifier with the house recipe and returns its `History`.
 
@@ -109,6 +110,7 @@ def train_classifier(
         jit_compile: `"auto"` (XLA on GPU only), `True` or `False`.
         callbacks: extra Keras callbacks.
         verbose: Keras progress-bar verbosity.
+        steps_per_execution: optimizer steps per compiled call (passed to `compile`).
 
     Returns:
         The `keras.callbacks.History` of `model.fit`.
@@ -127,6 +129,7 @@ def train_classifier(
         model,
         make_optimizer(total_steps, learning_rate, weight_decay, optimizer),
         jit_compile=jit_compile,
+        steps_per_execution=steps_per_execution,
     )
     return model.fit(
         train_data,

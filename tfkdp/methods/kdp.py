@@ -182,15 +182,35 @@ def _default_rho(steps, update_every, rho_initial, rho_final):
     return schedules.ExponentialRho(rho_initial, max(1.0, multiplier), update_every, rho_final)
 
 
-def _compile_distiller(distiller, steps, learning_rate, weight_decay, optimizer, jit_compile,
-                       steps_per_execution):
+def _distill(teacher, student, train_data, val_data, epochs, learning_rate, phase, *,
+             sparsity=None, distillation_losses=None, student_loss_weight=0.5, weight_decay=5e-4,
+             optimizer="sgd", jit_compile="auto", steps_per_execution=1, callbacks=(), verbose=0):
+    """One KD phase: a fresh Distiller and LR schedule, guarded against non-finite losses.
+
+    Returns the phase's `History.history`.
+    """
+    from tfkdp.distiller import Distiller
+
+    distiller = Distiller(
+        teacher, student, distillation_losses=distillation_losses,
+        student_loss_weight=student_loss_weight, sparsity=sparsity,
+    )  # fmt: skip
     distiller.compile(
-        optimizer=training.make_optimizer(steps, learning_rate, weight_decay, optimizer),
+        optimizer=training.make_optimizer(
+            training.steps_in(train_data) * epochs, learning_rate, weight_decay, optimizer
+        ),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
         jit_compile=jit_compile,
         steps_per_execution=steps_per_execution,
     )
+    protected = list(student.weights) + (list(sparsity.weights) if sparsity is not None else [])
+    guard = NonFiniteGuard(protected, phase=phase)
+    history = distiller.fit(
+        train_data, validation_data=val_data, epochs=epochs,
+        callbacks=[guard, *callbacks], verbose=verbose,
+    )  # fmt: skip
+    return history.history
 
 
 def compress(
@@ -329,30 +349,23 @@ def compress(
         raise ValueError(f"student must be a keras.Model; received {type(student).__name__}")
 
     steps_per_epoch = training.steps_in(train_data)
-    common = dict(
+    kd_args = dict(
+        distillation_losses=distillation_losses, student_loss_weight=student_loss_weight,
         weight_decay=weight_decay, optimizer=optimizer, jit_compile=jit_compile,
-        steps_per_execution=steps_per_execution,
+        steps_per_execution=steps_per_execution, callbacks=callbacks, verbose=verbose,
     )  # fmt: skip
-    from tfkdp.distiller import Distiller
     from tfkdp.graph import channel_groups
     from tfkdp.plan import PruningPlan
 
     if method == "kd_only":
         if target_macs_reduction is not None or target_params_reduction is not None:
             logging.info("compress(method='kd_only'): the reduction target is ignored (no pruning)")
-        distiller = Distiller(
-            teacher, student, distillation_losses=distillation_losses,
-            student_loss_weight=student_loss_weight,
-        )  # fmt: skip
-        _compile_distiller(distiller, steps_per_epoch * total_epochs, learning_rate, **common)
-        guard = NonFiniteGuard(student.weights, phase="kd_only")
-        history = distiller.fit(
-            train_data, validation_data=val_data, epochs=total_epochs,
-            callbacks=[guard, *callbacks], verbose=verbose,
-        )  # fmt: skip
+        history = _distill(
+            teacher, student, train_data, val_data, total_epochs, learning_rate, "kd_only", **kd_args
+        )
         if recalibrate_bn:
             recalibrate_batchnorm(student, train_data, recalibrate_bn)
-        return student, PruningPlan({}), {"kd": history.history}
+        return student, PruningPlan({}), {"kd": history}
 
     crit = criteria_lib.get(criterion)
     groups = channel_groups(student)
@@ -377,7 +390,7 @@ def compress(
         history = training.train_classifier(
             masked, train_data, val_data, epochs=total_epochs, learning_rate=learning_rate,
             weight_decay=weight_decay, optimizer=optimizer, jit_compile=jit_compile,
-            callbacks=[guard, *callbacks], verbose=verbose,
+            callbacks=[guard, *callbacks], verbose=verbose, steps_per_execution=steps_per_execution,
         )  # fmt: skip
         histories["finetune"] = history.history
         if recalibrate_bn:
@@ -399,35 +412,19 @@ def compress(
         student, keep, sparsity_schedule=sparsity_schedule, rho=rho,
         update_every=update_every, groups=groups,
     )  # fmt: skip
-    distiller = Distiller(
-        teacher, student, distillation_losses=distillation_losses,
-        student_loss_weight=student_loss_weight, sparsity=admm,
+    histories["admm"] = _distill(
+        teacher, student, train_data, val_data, admm_epochs, learning_rate, "kdp ADMM phase",
+        sparsity=admm, **kd_args,
     )  # fmt: skip
-    _compile_distiller(distiller, admm_steps, learning_rate, **common)
-    guard = NonFiniteGuard(list(student.weights) + list(admm.weights), phase="kdp ADMM phase")
-    history = distiller.fit(
-        train_data, validation_data=val_data, epochs=admm_epochs,
-        callbacks=[guard, *callbacks], verbose=verbose,
-    )  # fmt: skip
-    histories["admm"] = history.history
     plan = admm.sparsity_plan()
 
     # --- hard prune, masked KD fine-tune, strip.
     masked = apply_plan(student, plan)
     if finetune_epochs:
-        distiller = Distiller(
-            teacher, masked, distillation_losses=distillation_losses,
-            student_loss_weight=student_loss_weight,
+        histories["finetune"] = _distill(
+            teacher, masked, train_data, val_data, finetune_epochs, finetune_learning_rate,
+            "kdp fine-tune", **kd_args,
         )  # fmt: skip
-        _compile_distiller(
-            distiller, steps_per_epoch * finetune_epochs, finetune_learning_rate, **common
-        )
-        guard = NonFiniteGuard(masked.weights, phase="kdp fine-tune")
-        history = distiller.fit(
-            train_data, validation_data=val_data, epochs=finetune_epochs,
-            callbacks=[guard, *callbacks], verbose=verbose,
-        )  # fmt: skip
-        histories["finetune"] = history.history
     if recalibrate_bn:
         recalibrate_batchnorm(masked, train_data, recalibrate_bn)
     return strip_channels(masked, plan), plan, histories
