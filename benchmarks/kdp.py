@@ -39,6 +39,9 @@ from tfkdp.methods import kdp  # noqa: E402
 def _parse():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", type=float, default=0.51, help="MAC reduction target")
+    parser.add_argument(
+        "--teacher-epochs", type=int, default=4, help="epochs of the cached resnet32 teacher"
+    )
     parser.add_argument("--epochs", type=int, default=4, help="total epochs per method")
     parser.add_argument(
         "--admm-epochs", type=int, default=2, help="kdp: ADMM epochs (rest: fine-tune)"
@@ -112,14 +115,14 @@ def _step_time_ratio(teacher, keep, train, steps, rounds, learning_rate):
 
 
 def _compress_all(teacher, args, seed, width):
-    """(b) prune_only, (d) kdp and (c) kd_only for one seed: `({key: result}, kdp plan)`."""
+    """(b) prune_only, (d) kdp and (c) kd_only for one seed: `{method: result}`."""
     train, _ = common.datasets(args.batch_size, seed, args.train_subset or None)
     teacher_macs = metrics.count_macs(teacher)
     kwargs = dict(
         admm_epochs=args.admm_epochs, finetune_epochs=args.epochs - args.admm_epochs,
         learning_rate=args.learning_rate, verbose=2,
     )  # fmt: skip
-    results, kdp_plan = {}, None
+    results = {}
     for method in ("prune_only", "kdp", "kd_only"):
         keras.utils.set_random_seed(seed)
         student, target = None, args.target
@@ -137,19 +140,17 @@ def _compress_all(teacher, args, seed, width):
             r["groups_pruned"] = len(plan)
         if method == "kdp":
             r["final_admm_sparsity_loss"] = history["admm"]["sparsity_loss"][-1]
-            kdp_plan = plan
         results[method] = r
         print(f"seed {seed} ({method}) {r}", flush=True)
         keras.backend.clear_session()
-    return results, kdp_plan
+    return results
 
 
 def main():
     args = _parse()
     wall = time.time()
     keras.utils.set_random_seed(args.seeds[0])
-    teacher, teacher_info = common.get_teacher()  # resnet32, width 16, 4 epochs, cached
-    finetune_epochs = args.epochs - args.admm_epochs
+    teacher, teacher_info = common.get_teacher(epochs=args.teacher_epochs)  # resnet32, cached
 
     a = _evaluate(teacher)
     train0, _ = common.datasets(args.batch_size, args.seeds[0], args.train_subset or None)
@@ -164,20 +165,28 @@ def main():
     plan = pruner.make_plan(teacher, target_macs_reduction=args.target)
     width, _ = _narrow_resnet(32, surgery.plan_macs(teacher, plan), 16)
 
-    per_seed, kdp_plan = {}, None
-    for seed in args.seeds:
-        per_seed[seed], plan = _compress_all(teacher, args, seed, width)
-        kdp_plan = kdp_plan or plan
-
-    keep = {gid: len(idx) for gid, idx in kdp_plan.items()}
+    # Step time first (the keep counts are the plan's), so that every seed's results can be
+    # written as soon as it finishes: a long run stopped early keeps its finished seeds.
+    keep = {gid: len(idx) for gid, idx in plan.items()}
     step_time = _step_time_ratio(
         teacher, keep, train0, args.timing_steps, args.timing_rounds, args.learning_rate
     )
     print(f"step time: {step_time}", flush=True)
+    keras.backend.clear_session()
 
+    per_seed = {}
+    for seed in args.seeds:
+        per_seed[seed] = _compress_all(teacher, args, seed, width)
+        _report(args, a, teacher_info, width, per_seed, step_time, wall)
+
+
+def _report(args, a, teacher_info, width, per_seed, step_time, wall):
+    """Writes kdp.json/kdp.md over the seeds finished so far (atomic) and prints the table."""
+    seeds = list(per_seed)
+    finetune_epochs = args.epochs - args.admm_epochs
     summary = {}
     for key in ("prune_only", "kd_only", "kdp"):
-        runs = [per_seed[seed][key] for seed in args.seeds]
+        runs = [per_seed[seed][key] for seed in seeds]
         accs = [r["test_accuracy"] for r in runs]
         summary[key] = {
             "test_accuracy_mean": statistics.fmean(accs),
@@ -208,7 +217,8 @@ def main():
         "target_macs_reduction": args.target,
         "batch_size": args.batch_size,
         "learning_rate": args.learning_rate,
-        "seeds": args.seeds,
+        "seeds": seeds,
+        "seeds_requested": args.seeds,
         "criterion": "l1 (global allocation)",
         "bn_recalibration_batches": 100,
         "teacher": f"resnet32 width 16, {teacher_info['epochs']} epochs on 60k (cached)",
@@ -243,7 +253,8 @@ def main():
         f"Command: `{setup['command']}`. {setup['train_images']} training images, "
         f"{args.epochs} epochs per method (kdp: {args.admm_epochs} ADMM + {finetune_epochs} "
         f"fine-tune), batch {args.batch_size}, peak LR {args.learning_rate}, seeds "
-        f"{', '.join(map(str, args.seeds))} (mean and per-seed test accuracy), "
+        f"{', '.join(map(str, seeds))} ({len(seeds)} of {len(args.seeds)} requested finished; mean "
+        "and per-seed test accuracy), "
         f"{setup['cpu_cores']} CPU cores; teacher {setup['teacher']}; (c) is a dense resnet32 "
         f"of width {width}. BN statistics re-estimated over 100 batches at the end of (b)–(d); "
         "the teacher's test accuracy with the same re-estimation is "
