@@ -70,18 +70,11 @@ class Context:
 def _strategy(name):
     if name == "default":
         return tf.distribute.get_strategy()
-    devices = [d.name for d in tf.config.list_logical_devices("GPU")]
-    if devices:
-        logging.info("MirroredStrategy over %s", devices)
-        return tf.distribute.MirroredStrategy(devices)
-    devices = [d.name for d in tf.config.list_logical_devices("CPU")]
-    logging.info("MirroredStrategy over %s (CPU only: reduction through one device)", devices)
-    # CPU devices share one host's memory, so collectives buy nothing there; and
-    # collective instance keys of an earlier strategy in the same process can
-    # collide with this one's ("Shape mismatch in the collective instance").
-    return tf.distribute.MirroredStrategy(
-        devices, cross_device_ops=tf.distribute.ReductionToOneDevice()
-    )
+    from tfkdp import runtime
+
+    strategy = runtime.mirrored_strategy()
+    logging.info("MirroredStrategy over %s", list(strategy.extended.worker_devices))
+    return strategy
 
 
 def _scope(ctx):

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from tfkdp import admm as admm_lib
-from tfkdp import data, models, schedules
+from tfkdp import data, models, runtime, schedules
 from tfkdp.graph import channel_groups
 
 KEEP = {"stem_conv": 3, "stage1_block1_conv1": 2, "stage3_block1_conv2": 9}
@@ -277,7 +277,7 @@ def test_admm_under_mirrored_strategy_matches_single_device(tiny_images):
     from tfkdp.distiller import Distiller
 
     x, y = tiny_images  # 64 images; 4 global batches of 16, 8 per replica
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    strategy = runtime.mirrored_strategy(["/cpu:0", "/cpu:1"])
     assert strategy.num_replicas_in_sync == 2
     init = [_plain_net("teacher", 3).get_weights(), _plain_net("student", 4).get_weights()]
     runs = []

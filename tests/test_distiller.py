@@ -9,6 +9,7 @@ import pytest
 import tensorflow as tf
 
 from tfkdp import losses as kd
+from tfkdp import runtime
 from tfkdp.distiller import Distiller
 from tfkdp.models import resnet_cifar
 
@@ -390,7 +391,7 @@ def test_mixed_float16_trains_with_loss_scaling(tiny_images):
 def test_mirrored_strategy_loss_matches_single_device(tiny_images):
     x, y = tiny_images
     weights = np.linspace(0.2, 1.8, 64).astype("float32")
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    strategy = runtime.mirrored_strategy(["/cpu:0", "/cpu:1"])
     assert strategy.num_replicas_in_sync == 2
     teacher0, student0 = _pair(seed=11)
     init = [teacher0.get_weights(), student0.get_weights()]

@@ -2,7 +2,7 @@
 
 import tensorflow as tf
 
-__all__ = ["default_jit_compile", "has_gpu"]
+__all__ = ["default_jit_compile", "has_gpu", "mirrored_strategy"]
 
 
 def has_gpu():
@@ -31,3 +31,29 @@ def default_jit_compile(jit_compile="auto"):
     if isinstance(jit_compile, bool):
         return jit_compile
     raise ValueError(f"jit_compile must be 'auto', True or False; received jit_compile={jit_compile!r}")
+
+
+def mirrored_strategy(devices=None):
+    """A `tf.distribute.MirroredStrategy` over all GPUs, else over all CPU devices.
+
+    On CPU devices the cross-device reduction goes through one device
+    (`ReductionToOneDevice`): they share one host's memory, so collectives
+    buy nothing there, and the collective instance keys of an earlier
+    strategy in the same process can collide with a new one's ("Shape
+    mismatch in the collective instance").
+
+    Args:
+        devices: device names; `None` means every logical GPU, or every
+            logical CPU when there is no GPU.
+
+    Returns:
+        The strategy.
+    """
+    if devices is None:
+        devices = [d.name for d in tf.config.list_logical_devices("GPU")] or [
+            d.name for d in tf.config.list_logical_devices("CPU")
+        ]
+    devices = list(devices)
+    if all("GPU" in tf.DeviceSpec.from_string(d).device_type.upper() for d in devices):
+        return tf.distribute.MirroredStrategy(devices)
+    return tf.distribute.MirroredStrategy(devices, cross_device_ops=tf.distribute.ReductionToOneDevice())
