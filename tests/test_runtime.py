@@ -28,3 +28,8 @@ def test_mirrored_strategy_on_cpu_devices_reduces_through_one_device():
         axis=None,
     )
     assert int(total) == 3
+
+
+def test_mirrored_strategy_rejects_an_empty_device_list():
+    with pytest.raises(ValueError, match=r"devices=\[\]"):
+        runtime.mirrored_strategy([])

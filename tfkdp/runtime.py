@@ -48,12 +48,20 @@ def mirrored_strategy(devices=None):
 
     Returns:
         The strategy.
+
+    Raises:
+        ValueError: for an empty device list.
     """
     if devices is None:
         devices = [d.name for d in tf.config.list_logical_devices("GPU")] or [
             d.name for d in tf.config.list_logical_devices("CPU")
         ]
     devices = list(devices)
-    if all("GPU" in tf.DeviceSpec.from_string(d).device_type.upper() for d in devices):
+    if not devices:
+        raise ValueError("mirrored_strategy needs at least one device; received devices=[]")
+    types = {(tf.DeviceSpec.from_string(d).device_type or "").upper() for d in devices}
+    if types == {"GPU"}:
         return tf.distribute.MirroredStrategy(devices)
-    return tf.distribute.MirroredStrategy(devices, cross_device_ops=tf.distribute.ReductionToOneDevice())
+    return tf.distribute.MirroredStrategy(
+        devices, cross_device_ops=tf.distribute.ReductionToOneDevice()
+    )
