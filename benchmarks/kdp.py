@@ -53,6 +53,9 @@ def _parse():
         "--seeds", type=int, nargs="+", default=[0, 1], help="one run of (b)-(d) each"
     )
     parser.add_argument("--name", default="kdp", help="results file stem under benchmarks/results")
+    parser.add_argument(
+        "--timing-only", action="store_true", help="only the ADMM step-time ratio (no training)"
+    )
     parser.add_argument("--timing-steps", type=int, default=10, help="steps per timing round")
     parser.add_argument("--timing-rounds", type=int, default=5)
     return parser.parse_args()
@@ -173,6 +176,16 @@ def main():
     )
     print(f"step time: {step_time}", flush=True)
     keras.backend.clear_session()
+    if args.timing_only:
+        command = "flock /tmp/tfkdp-bench.lock .venv/bin/python -m benchmarks.kdp " + " ".join(
+            sys.argv[1:]
+        )
+        common.write_json(
+            os.path.join(common.RESULTS_DIR, args.name + ".json"),
+            {"step_time": step_time, "command": command, "teacher_epochs": args.teacher_epochs,
+             "batch_size": args.batch_size, "cpu_cores": os.cpu_count()},
+        )  # fmt: skip
+        return
 
     per_seed = {}
     for seed in args.seeds:
