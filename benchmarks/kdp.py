@@ -149,6 +149,11 @@ def _compress_all(teacher, args, seed, width):
     return results
 
 
+def _command_line():
+    """The command that produced the results, as recorded in them."""
+    return " ".join(["flock /tmp/tfkdp-bench.lock .venv/bin/python -m benchmarks.kdp", *sys.argv[1:]])
+
+
 def main():
     args = _parse()
     wall = time.time()
@@ -177,12 +182,9 @@ def main():
     print(f"step time: {step_time}", flush=True)
     keras.backend.clear_session()
     if args.timing_only:
-        command = "flock /tmp/tfkdp-bench.lock .venv/bin/python -m benchmarks.kdp " + " ".join(
-            sys.argv[1:]
-        )
         common.write_json(
             os.path.join(common.RESULTS_DIR, args.name + ".json"),
-            {"step_time": step_time, "command": command, "teacher_epochs": args.teacher_epochs,
+            {"step_time": step_time, "command": _command_line(), "teacher_epochs": args.teacher_epochs,
              "batch_size": args.batch_size, "cpu_cores": os.cpu_count()},
         )  # fmt: skip
         return
@@ -217,11 +219,8 @@ def _report(args, a, teacher_info, width, per_seed, step_time, wall):
         "kdp_ahead_of_kd_only": bool(kdp_acc > summary["kd_only"]["test_accuracy_mean"]),
         "admm_step_overhead_le_10pct": bool(step_time["ratio"] <= 1.10),
     }
-    command = "flock /tmp/tfkdp-bench.lock .venv/bin/python -m benchmarks.kdp " + " ".join(
-        sys.argv[1:]
-    )
     setup = {
-        "command": command.strip(),
+        "command": _command_line(),
         "dataset": "Fashion-MNIST (real), test set 10k",
         "train_images": args.train_subset or 60000,
         "epochs_per_method": args.epochs,
