@@ -44,8 +44,9 @@ data: $(STAMP)
 demo: data
 	$(PY) -m pipelines.compress --output_dir=$(DEMO_DIR) $(DEMO_FLAGS)
 
+# Two pytest workers keep both cores busy (one TF process alone uses ~70 % of two cores).
 test: $(DEV_STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check .

@@ -15,8 +15,9 @@ import time
 import keras
 import numpy as np
 
-from export._atomic import write_bytes_atomic
-from tfkdp import data, metrics, models, training
+from tfkdp import data, metrics, models
+from tfkdp.export._atomic import write_bytes_atomic
+from tfkdp.train import recipe as training
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CACHE_DIR = os.path.join(HERE, ".cache")

@@ -25,6 +25,14 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# oneDNN v3.7's AVX-512 1x1 convolution kernel corrupts memory on pruned shapes
+# (tfkdp.onednn, uxlfoundation/oneDNN#6035). TensorFlow reads this switch once, at
+# import; TFKDP_ONEDNN=1 (or an explicit TF_ENABLE_ONEDNN_OPTS) keeps oneDNN's setting.
+if os.environ.get("TFKDP_ONEDNN", "").strip() != "1" and not os.environ.get(
+    "TF_ENABLE_ONEDNN_OPTS", ""
+).strip():
+    os.environ["TF_ENABLE_ONEDNN_OPTS"] = "0"
+
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -32,8 +40,9 @@ from absl import app, flags  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from tfkdp import losses as kd  # noqa: E402
-from tfkdp import models, training  # noqa: E402
-from tfkdp.distiller import Distiller  # noqa: E402
+from tfkdp import models  # noqa: E402
+from tfkdp.distill.distiller import Distiller  # noqa: E402
+from tfkdp.train import recipe as training  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("part", "all", ["all", "accuracy", "overhead"], "Which benchmark to run.")

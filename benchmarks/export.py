@@ -27,19 +27,30 @@ if not __package__:
     # would shadow the `export` package: put the repository root there instead.
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# oneDNN v3.7's AVX-512 1x1 convolution kernel corrupts memory on pruned shapes
+# (tfkdp.onednn, uxlfoundation/oneDNN#6035). TensorFlow reads this switch once, at
+# import; TFKDP_ONEDNN=1 (or an explicit TF_ENABLE_ONEDNN_OPTS) keeps oneDNN's setting.
+if os.environ.get("TFKDP_ONEDNN", "").strip() != "1" and not os.environ.get(
+    "TF_ENABLE_ONEDNN_OPTS", ""
+).strip():
+    os.environ["TF_ENABLE_ONEDNN_OPTS"] = "0"
+
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-import export  # noqa: E402
 from benchmarks import common  # noqa: E402
-from export.latency import runtime_versions, summarize, time_calls  # noqa: E402
-from tfkdp import data, metrics, training  # noqa: E402
+from tfkdp import (  # noqa: E402
+    data,
+    export,  # noqa: E402
+    metrics,
+)
+from tfkdp.export.latency import runtime_versions, summarize, time_calls  # noqa: E402
+from tfkdp.train import recipe as training  # noqa: E402
 
 
 def _stripped_resnet20(base, train, test, finetune_epochs, seed, round_to):
     """resnet20 stripped to 50 % of its MACs and fine-tuned; cached in benchmarks/.cache."""
-    from tfkdp.pruner import make_plan
-    from tfkdp.surgery import strip_channels
+    from tfkdp.pruning import make_plan, strip_channels
 
     how = (
         "tfkdp.pruner.make_plan(target_macs_reduction=0.5, criterion='l1', allocation='uniform', "

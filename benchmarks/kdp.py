@@ -30,10 +30,17 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from tfkdp import admm as admm_lib  # noqa: E402
-from tfkdp import metrics, models, pruner, surgery, training  # noqa: E402
-from tfkdp.distiller import Distiller  # noqa: E402
-from tfkdp.methods import kdp  # noqa: E402
+from tfkdp import (  # noqa: E402
+    methods,  # noqa: E402
+    metrics,
+    models,
+)
+from tfkdp import pruning as pruner  # noqa: E402
+from tfkdp.distill.distiller import Distiller  # noqa: E402
+from tfkdp.pruning.sparsity import admm as admm_lib  # noqa: E402
+from tfkdp.train import copy_model, recalibrate_batchnorm  # noqa: E402
+from tfkdp.train import recipe as training  # noqa: E402
+from tfkdp.train.phases import Training  # noqa: E402
 
 
 def _parse():
@@ -91,7 +98,7 @@ def _step_time_ratio(teacher, keep, train, steps, rounds, learning_rate):
     ).batch(int(batches[0][0].shape[0]))
     runs = {}
     for name in ("plain", "admm"):
-        student = kdp.copy_model(teacher)
+        student = copy_model(teacher)
         sparsity = admm_lib.ADMM(student, keep) if name == "admm" else None
         distiller = Distiller(teacher, student, sparsity=sparsity)
         distiller.compile(
@@ -121,19 +128,20 @@ def _compress_all(teacher, args, seed, width):
     """(b) prune_only, (d) kdp and (c) kd_only for one seed: `{method: result}`."""
     train, _ = common.datasets(args.batch_size, seed, args.train_subset or None)
     teacher_macs = metrics.count_macs(teacher)
-    kwargs = dict(
+    options = dict(
         admm_epochs=args.admm_epochs, finetune_epochs=args.epochs - args.admm_epochs,
-        learning_rate=args.learning_rate, verbose=2,
+        training=Training(learning_rate=args.learning_rate, verbose=2),
     )  # fmt: skip
     results = {}
     for method in ("prune_only", "kdp", "kd_only"):
         keras.utils.set_random_seed(seed)
-        student, target = None, args.target
+        student, budget = None, methods.Budget.macs(args.target)
         if method == "kd_only":
-            student, target = models.resnet_cifar(32, width=width), None
+            student, budget = models.resnet_cifar(32, width=width), None
         start = time.time()
-        small, plan, history = kdp.compress(
-            teacher, student, train, target_macs_reduction=target, method=method, **kwargs
+        # The same registry and code path as the pipeline's compress/finetune/strip stages.
+        small, plan, history = methods.get(method, **options).compress(
+            teacher, student, train, None, budget
         )
         r = {**_evaluate(small), "train_seconds": round(time.time() - start, 1)}
         r["macs_reduction"] = 1.0 - r["macs"] / teacher_macs
@@ -162,8 +170,8 @@ def main():
 
     a = _evaluate(teacher)
     train0, _ = common.datasets(args.batch_size, args.seeds[0], args.train_subset or None)
-    recalibrated = kdp.copy_model(teacher)
-    kdp.recalibrate_batchnorm(recalibrated, train0, 100)
+    recalibrated = copy_model(teacher)
+    recalibrate_batchnorm(recalibrated, train0, 100)
     a["test_accuracy_bn_recalibrated"] = common.test_accuracy(recalibrated)
     a.update(train_seconds=teacher_info["train_seconds"], epochs=teacher_info["epochs"])
     print(f"(a) teacher: {a}", flush=True)
@@ -171,7 +179,7 @@ def main():
     # (c)'s dense student: the resnet32 width whose MACs are closest to the pruned model's,
     # known before training because make_plan's cost model is exact.
     plan = pruner.make_plan(teacher, target_macs_reduction=args.target)
-    width, _ = _narrow_resnet(32, surgery.plan_macs(teacher, plan), 16)
+    width, _ = _narrow_resnet(32, pruner.plan_macs(teacher, plan), 16)
 
     # Step time first (the keep counts are the plan's), so that every seed's results can be
     # written as soon as it finishes: a long run stopped early keeps its finished seeds.

@@ -2,11 +2,10 @@
 
 For resnet20, resnet56 and mobilenet_v2_cifar (32×32×3 inputs, CIFAR
 figures, random initial weights: latency does not depend on weight values),
-at 30/50/70 % MAC reduction with a uniform L1-norm plan (every prunable group
-keeps the same fraction of its channels, the channels with the largest L1
-norm of their producer kernels; the fraction is searched so that the MAC
-reduction is as close to the target as the rounding allows), with and
-without rounding channel counts to multiples of `round_to`:
+at 30/50/70 % MAC reduction with `tfkdp.make_plan`'s L1 plan (uniform
+allocation: every prunable group keeps the same fraction of its channels;
+global where uniform cannot land within 2 % of the target), with and without
+rounding channel counts to multiples of `round_to`:
 
 - MACs and parameters of the original and the stripped model
   (`tfkdp.surgery.strip_channels`; the masked model is checked to compute the
@@ -36,6 +35,14 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# oneDNN v3.7's AVX-512 1x1 convolution kernel corrupts memory on pruned shapes
+# (tfkdp.onednn, uxlfoundation/oneDNN#6035). TensorFlow reads this switch once, at
+# import; TFKDP_ONEDNN=1 (or an explicit TF_ENABLE_ONEDNN_OPTS) keeps oneDNN's setting.
+if os.environ.get("TFKDP_ONEDNN", "").strip() != "1" and not os.environ.get(
+    "TF_ENABLE_ONEDNN_OPTS", ""
+).strip():
+    os.environ["TF_ENABLE_ONEDNN_OPTS"] = "0"
+
 if not __package__:
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,53 +50,34 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from tfkdp import graph, metrics, models  # noqa: E402
-from tfkdp.masking import apply_plan  # noqa: E402
-from tfkdp.plan import PruningPlan  # noqa: E402
-from tfkdp.surgery import fold_batchnorm, plan_macs, strip_channels  # noqa: E402
+from tfkdp import metrics, models  # noqa: E402
+from tfkdp.pruning import (  # noqa: E402
+    apply_plan,  # noqa: E402
+    fold_batchnorm,
+    make_plan,
+    plan_macs,
+    strip_channels,
+)
 
 INPUT_SHAPE = (32, 32, 3)
 KERNEL_ATTRS = ("kernel", "depthwise_kernel", "pointwise_kernel")
 
 
-def l1_scores(model, group):
-    """Per-channel L1 norm of the group's producer kernels (each slice averaged)."""
-    score = np.zeros(group.size)
-    for ref in group.out_params:
-        if ref.attr in KERNEL_ATTRS:
-            score += np.abs(graph.channel_values(model, ref, group.size)).mean(axis=1)
-    return score
-
-
-def uniform_plan(model, groups, scores, fraction, round_to):
-    keep = {}
-    for group in groups:
-        count = int(round(fraction * group.size / round_to)) * round_to
-        count = min(group.size, max(min(round_to, group.size), count))
-        if count < group.size:
-            keep[group.id] = np.sort(np.argsort(-scores[group.id], kind="stable")[:count])
-    return PruningPlan(keep)
-
-
-def search_plan(model, target, round_to):
-    """Uniform L1 plan whose MAC reduction is closest to `target`."""
-    groups = [g for g in graph.channel_groups(model) if g.prunable and g.size > 1]
-    scores = {g.id: l1_scores(model, g) for g in groups}
+def plan_for(model, target, round_to):
+    """`make_plan`'s uniform L1 plan for `target` (global allocation where uniform cannot
+    land within 2 %); `(plan, reduction, allocation)`, or `(None, error, None)` when the
+    target cannot be reached at this `round_to`."""
     base = metrics.count_macs(model)
-    best = None
-    # Reduction grows as the kept fraction shrinks; bisect, remembering the closest.
-    low, high = 0.0, 1.0
-    for _ in range(40):
-        fraction = (low + high) / 2
-        plan = uniform_plan(model, groups, scores, fraction, round_to)
-        reduction = 1.0 - plan_macs(model, plan) / base
-        if best is None or abs(reduction - target) < abs(best[1] - target):
-            best = (plan, reduction, fraction)
-        if reduction < target:
-            high = fraction
-        else:
-            low = fraction
-    return best
+    error = None
+    for allocation in ("uniform", "global"):
+        try:
+            plan = make_plan(model, target_macs_reduction=target, criterion="l1",
+                             allocation=allocation, round_to=round_to)  # fmt: skip
+        except ValueError as exc:
+            error = str(exc)
+            continue
+        return plan, 1.0 - plan_macs(model, plan) / base, allocation
+    return None, error, None
 
 
 def to_tflite(model):
@@ -163,7 +151,12 @@ def main(argv=None):
         x = np.random.default_rng(1).normal(size=(2, *INPUT_SHAPE)).astype("float32")
         for target in args.targets:
             for round_to in args.round_to:
-                plan, reduction, fraction = search_plan(model, target, round_to)
+                plan, reduction, allocation = plan_for(model, target, round_to)
+                if plan is None:
+                    rows.append({"model": name, "target": target, "round_to": round_to,
+                                 "allocation": "unreachable", "note": reduction})  # fmt: skip
+                    print(f"{name:20s} target {target:.0%} round_to {round_to}: {reduction}", flush=True)
+                    continue
                 t0 = time.perf_counter()
                 stripped = strip_channels(model, plan)
                 strip_seconds = time.perf_counter() - t0
@@ -186,7 +179,7 @@ def main(argv=None):
                     "model": name,
                     "target": target,
                     "round_to": round_to,
-                    "kept_fraction": round(fraction, 4),
+                    "allocation": allocation,
                     "mac_reduction": round(reduction, 4),
                     "macs": base_macs,
                     "macs_stripped": macs,
@@ -217,7 +210,9 @@ def main(argv=None):
         + " ".join(argv if argv is not None else sys.argv[1:]),
         "input_shape": list(INPUT_SHAPE),
         "weights": "random initialisation (latency does not depend on values)",
-        "plan": "uniform L1: every prunable group keeps the same fraction (largest-L1 channels)",
+        "plan": "tfkdp.make_plan(criterion='l1', allocation='uniform', round_to=...) within 2 % "
+        "of the target (allocation='global' where uniform cannot land; 'unreachable' rows: "
+        "neither can at that round_to)",
         "runtime": f"ai_edge_litert {litert_version}, XNNPACK, num_threads=1, batch 1, float32",
         "converter": f"tf.lite.TFLiteConverter.from_keras_model (TF {tf.__version__}) after fold_batchnorm",
         "timing": f"median of {args.runs} invokes per model, {args.block}-invoke blocks interleaved",
@@ -228,7 +223,7 @@ def main(argv=None):
     }
     common.write_json(args.out + ".json", payload)
     columns = [
-        "model", "target", "round_to", "mac_reduction", "macs", "macs_stripped", "params",
+        "model", "target", "round_to", "allocation", "mac_reduction", "macs", "macs_stripped", "params",
         "params_stripped", "latency_ms", "latency_stripped_ms", "latency_speedup", "mac_speedup",
         "speedup_ratio",
     ]  # fmt: skip

@@ -11,10 +11,10 @@ Importing `export` has no side effects, and does not import tf2onnx, onnx,
 onnxruntime or LiteRT: each is imported when a format first needs it.
 """
 
-from export.converters import FILENAMES, FORMATS, ExportError, ExportResult, export_model
-from export.latency import benchmark_latency
-from export.runners import RUNTIMES, open_runner
-from export.verify import DEFAULT_TOLERANCES, VerificationError, verify
+from tfkdp.export.converters import FILENAMES, FORMATS, ExportError, ExportResult, export_model
+from tfkdp.export.latency import benchmark_latency
+from tfkdp.export.runners import RUNTIMES, open_runner
+from tfkdp.export.verify import DEFAULT_TOLERANCES, VerificationError, verify
 
 __all__ = [
     "DEFAULT_TOLERANCES",

@@ -1,6 +1,6 @@
-"""`python -m export` / `tfkdp-export`: export a `.keras` model, verify every artifact, time it.
+"""`python -m tfkdp.export` / `tfkdp-export`: export a `.keras` model, verify every artifact, time it.
 
-    python -m export --model=student.keras --out=deploy \\
+    python -m tfkdp.export --model=student.keras --out=deploy \\
         --formats=tflite,tflite_int8,onnx --calibration=fashion_mnist --latency --threads=1,2
 
 Steps: load the model; load `--calibration` data (`fashion_mnist`, or
@@ -33,7 +33,7 @@ _NEEDS_REAL_DATA = ("tflite_dynamic", "tflite_int8")
 
 def define_flags(flag_values=flags.FLAGS):
     """Defines the CLI flags on `flag_values` (the global FLAGS for the CLI)."""
-    from export.converters import FORMATS
+    from tfkdp.export.converters import FORMATS
 
     kw = {"flag_values": flag_values}
     flags.DEFINE_string("model", None, "Path of the Keras model (.keras or .h5).", **kw)
@@ -195,10 +195,10 @@ def main(argv, flag_values=flags.FLAGS):
         raise app.UsageError(f"unexpected positional arguments: {argv[1:]}")
     # Submodules, not the package namespace: works even where an old editable
     # install maps `export` as a namespace package.
-    from export._atomic import tree_size_bytes, write_json_atomic
-    from export.converters import ExportError, export_model, model_signature
-    from export.latency import benchmark_latency, runtime_versions
-    from export.verify import VerificationError, verify
+    from tfkdp.export._atomic import tree_size_bytes, write_json_atomic
+    from tfkdp.export.converters import ExportError, export_model, model_signature
+    from tfkdp.export.latency import benchmark_latency, runtime_versions
+    from tfkdp.export.verify import VerificationError, verify
 
     fv = flag_values
     started = time.time()
@@ -263,7 +263,15 @@ _OWN_FLAGS = (
 
 
 def run():
-    """Console-script entry point (`tfkdp-export`)."""
+    """Console-script entry point (`tfkdp-export`).
+
+    oneDNN's custom operations are turned off first (TensorFlow reads the
+    switch once, when imported), unless `TFKDP_ONEDNN=1` or
+    `TF_ENABLE_ONEDNN_OPTS` is set: see `tfkdp.onednn`.
+    """
+    from tfkdp.onednn import disable_for_entry_point
+
+    disable_for_entry_point()
     define_flags()
     app.run(main)
 

@@ -1,6 +1,6 @@
 """Worker for `benchmark_latency`: times a SavedModel with TF thread pools set first.
 
-Run as `python -m export._tf_latency --saved_model=DIR --threads=N ...`; prints
+Run as `python -m tfkdp.export._tf_latency --saved_model=DIR --threads=N ...`; prints
 one JSON line `{"times_ms": [...], "intra_op": N, "inter_op": 1}`. It is a
 separate process because TF fixes its thread pools when the first op runs.
 """
@@ -27,8 +27,8 @@ def main(argv=None):
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(1)
 
-    from export.latency import _benchmark_input, time_calls
-    from export.runners import TensorFlowRunner
+    from tfkdp.export.latency import _benchmark_input, time_calls
+    from tfkdp.export.runners import TensorFlowRunner
 
     shape = tuple(int(d) for d in args.input_shape.split(","))
     runner = TensorFlowRunner(args.saved_model)

@@ -1,5 +1,8 @@
 """`export_model`: one Keras model to SavedModel, TFLite (f32/f16/dynamic/int8) and ONNX.
 
+(One module of ~540 lines: Keras' own layout, one converter function per
+format beside the one entry point and its staging/atomic-rename logic.)
+
 Each format has one converter function in `_CONVERTERS` (keyed by format
 name). All converters write into a staging folder created beside `out_dir`;
 only artifacts whose conversion finished are moved into `out_dir`, each by a
@@ -31,8 +34,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from export._atomic import tree_size_bytes, write_bytes_atomic
-from export._lazy import require
+from tfkdp.export._atomic import tree_size_bytes, write_bytes_atomic
+from tfkdp.export._lazy import require
 
 __all__ = [
     "FORMATS",
@@ -472,7 +475,7 @@ def export_model(
         ImportError: if `onnx` is requested and tf2onnx/onnx is missing.
 
     Example:
-        >>> paths = export_model(model, "out", formats=("tflite", "onnx"))
+        >>> paths = export_model(model, tmp + "/out", formats=("tflite", "onnx"))
         >>> sorted(paths)
         ['onnx', 'tflite']
     """

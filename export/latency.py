@@ -9,9 +9,18 @@ Thread control per runtime:
   `tf.config.threading.set_intra_op_parallelism_threads` raises after that.
   In a process that already uses TF (any Keras user) it cannot change, so each
   thread count is measured in a fresh Python subprocess
-  (`python -m export._tf_latency`) that sets intra-op threads to `n` and
+  (`python -m tfkdp.export._tf_latency`) that sets intra-op threads to `n` and
   inter-op threads to 1 before its first op. That costs a TF import
   (~5-10 s) per thread count but measures what it says.
+
+Interleaving: load from other processes comes and goes, and timing each
+artifact in one block charges a burst of it to whichever artifact ran then
+(a loaded demo machine once reported int8 "slower" than float32). The
+in-process runtimes (LiteRT, onnxruntime) are therefore timed in `rounds`
+blocks: every round visits every (artifact, thread count) once, in a seeded
+shuffled order, and each block re-warms its runner with two untimed calls.
+A percentile over all blocks then compares artifacts under the same load. TF
+runs in its own subprocess and cannot be interleaved with them.
 """
 
 import gc
@@ -23,13 +32,18 @@ import time
 
 import numpy as np
 
-from export._atomic import tree_size_bytes
-from export.runners import RUNTIMES, open_runner
+from tfkdp.export._atomic import tree_size_bytes
+from tfkdp.export.runners import RUNTIMES, open_runner
 
 __all__ = ["benchmark_latency", "runtime_versions", "time_calls", "summarize"]
 
-# The folder holding the `export` package, for the subprocess' import path.
-_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The folder holding the `tfkdp` package (the repository, or site-packages), for the
+# subprocess' import path. This module lives at tfkdp/export/latency.py.
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Interleaved blocks per measurement (fewer when `repeat` is smaller), and the
+# untimed calls that re-warm a runner's caches at the start of each block.
+_ROUNDS = 10
+_BLOCK_WARMUP = 2
 
 
 def time_calls(function, feed, warmup, repeat):
@@ -95,7 +109,7 @@ def _benchmark_input(input_shape, batch_size, seed):
 
 def _tf_times(path, input_shape, threads, batch_size, warmup, repeat, seed):
     command = [
-        sys.executable, "-m", "export._tf_latency",
+        sys.executable, "-m", "tfkdp.export._tf_latency",
         "--saved_model", os.fspath(path),
         "--input_shape", ",".join(str(d) for d in input_shape),
         "--threads", str(threads),
@@ -145,7 +159,8 @@ def benchmark_latency(
         A list of rows, one per artifact × thread count: `format`, `runtime`,
         `threads`, `batch_size`, `p50_ms`, `p90_ms`, `mean_ms`, `std_ms`
         (milliseconds per inference), `size_bytes` (file size, or total size
-        of the SavedModel folder), `path`, `repeat`.
+        of the SavedModel folder), `path`, `repeat`, `rounds` (interleaved
+        blocks the `repeat` calls were split into; 1 for TF).
 
     Raises:
         ValueError: for an unknown format, a bad shape, thread count,
@@ -154,8 +169,11 @@ def benchmark_latency(
         RuntimeError: if the TF subprocess fails.
 
     Example:
-        >>> rows = benchmark_latency(paths, (28, 28, 1), threads=(1, 2))
-        >>> [(r["format"], r["threads"], round(r["p50_ms"], 2)) for r in rows]
+        >>> from tfkdp.export import export_model
+        >>> paths = export_model(model, tmp + "/out", formats=("tflite",))
+        >>> rows = benchmark_latency(paths, (12, 12, 1), threads=(1,), repeat=20)
+        >>> [(r["format"], r["threads"], r["p50_ms"] > 0) for r in rows]
+        [('tflite', 1, True)]
     """
     if not isinstance(artifacts, dict) or not artifacts:
         raise ValueError(f"artifacts must be a non-empty {{format: path}} dict; received {artifacts!r}")
@@ -181,27 +199,61 @@ def benchmark_latency(
             raise FileNotFoundError(f"{fmt} artifact not found: {path!r}")
 
     x = _benchmark_input(input_shape, batch_size, seed)
-    rows = []
-    for fmt, path in artifacts.items():
-        path = os.fspath(path)
-        runtime = RUNTIMES[fmt]
-        for n in threads:
-            if runtime == "tensorflow":
-                times = _tf_times(path, input_shape, n, batch_size, warmup, repeat, seed)
-            else:
+    rounds = min(_ROUNDS, repeat)
+    cells = [(fmt, os.fspath(path), n) for fmt, path in artifacts.items() for n in threads]
+    times, calls = {}, {}
+    try:
+        for fmt, path, n in cells:
+            if RUNTIMES[fmt] != "tensorflow":
                 runner = open_runner(fmt, path, num_threads=n)
-                times = time_calls(runner.run, runner.prepare(x), warmup, repeat)
-                del runner
-            rows.append(
-                {
-                    "format": fmt,
-                    "runtime": runtime,
-                    "threads": n,
-                    "batch_size": batch_size,
-                    **summarize(times),
-                    "size_bytes": int(tree_size_bytes(path)),
-                    "path": path,
-                    "repeat": repeat,
-                }
-            )
-    return rows
+                calls[(fmt, n)] = (runner.run, runner.prepare(x))
+        times.update(_interleaved_times(calls, warmup, repeat, rounds, seed))
+    finally:
+        runner = None
+        calls.clear()  # free interpreters and sessions before TF's subprocess runs
+    for fmt, path, n in cells:
+        if RUNTIMES[fmt] == "tensorflow":
+            times[(fmt, n)] = _tf_times(path, input_shape, n, batch_size, warmup, repeat, seed)
+    return [
+        {
+            "format": fmt,
+            "runtime": RUNTIMES[fmt],
+            "threads": n,
+            "batch_size": batch_size,
+            **summarize(times[(fmt, n)]),
+            "size_bytes": int(tree_size_bytes(path)),
+            "path": path,
+            "repeat": repeat,
+            "rounds": 1 if RUNTIMES[fmt] == "tensorflow" else rounds,
+        }
+        for fmt, path, n in cells
+    ]
+
+
+def _interleaved_times(calls, warmup, repeat, rounds, seed):
+    """Times every `function(feed)` of `calls` in `rounds` interleaved blocks.
+
+    Args:
+        calls: `{key: (function, feed)}`.
+        warmup: untimed calls per key before the first round.
+        repeat: timed calls per key in all, split as evenly as possible
+            over the rounds.
+        rounds: blocks per key; each round visits every key once, in an
+            order shuffled by `seed`.
+        seed: seed of the visiting order.
+
+    Returns:
+        `{key: float64 array of repeat times in ms}`.
+    """
+    for function, feed in calls.values():
+        time_calls(function, feed, warmup, 0)
+    blocks = [len(b) for b in np.array_split(np.arange(repeat), rounds)]
+    samples = {key: [] for key in calls}
+    order = list(calls)
+    rng = np.random.default_rng(seed)
+    for block in blocks:
+        rng.shuffle(order)
+        for key in order:
+            function, feed = calls[key]
+            samples[key].append(time_calls(function, feed, _BLOCK_WARMUP, block))
+    return {key: np.concatenate(parts) for key, parts in samples.items()}

@@ -12,7 +12,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from export._lazy import require
+from tfkdp.export._lazy import require
 
 __all__ = ["RUNTIMES", "open_runner", "quantize", "dequantize"]
 

@@ -6,8 +6,8 @@ import os
 import numpy as np
 from absl import logging
 
-from export.converters import FORMATS, model_signature
-from export.runners import RUNTIMES, open_runner
+from tfkdp.export.converters import FORMATS, model_signature
+from tfkdp.export.runners import RUNTIMES, open_runner
 
 __all__ = ["DEFAULT_TOLERANCES", "VerificationError", "verify"]
 
@@ -146,9 +146,10 @@ def verify(model, artifacts, x, y=None, tolerances=None, batch_size=64):
         FileNotFoundError: if an artifact path does not exist.
 
     Example:
-        >>> paths = export_model(model, "out", formats=("tflite", "onnx"))
-        >>> results = verify(model, paths, x_test, y_test)
-        >>> results["tflite"]["max_abs_diff"] < 1e-4
+        >>> from tfkdp.export import export_model
+        >>> paths = export_model(model, tmp + "/out", formats=("tflite",))
+        >>> results = verify(model, paths, x, y)
+        >>> bool(results["tflite"]["max_abs_diff"] < 1e-4)
         True
     """
     if not isinstance(artifacts, dict) or not artifacts:

@@ -1,4 +1,4 @@
-"""tfkdp-compress: teacher → compress → strip → finetune → export → verify → latency → report.
+"""tfkdp-compress: teacher → compress → finetune → strip → export → verify → latency → report.
 
 Each stage writes its outputs atomically and is recorded in
 `<output_dir>/state.json`; rerunning the same command resumes after the last
@@ -6,17 +6,18 @@ finished stage. Defaults are the demo: Fashion-MNIST, a resnet20 teacher
 trained first, KDP at 50 % MAC reduction, every export format.
 
 Example:
-    python -m pipelines.compress --output_dir=runs/demo
-    python -m pipelines.compress --flagfile=my.flags --restart
+    python -m tfkdp.pipelines.compress --output_dir=runs/demo
+    python -m tfkdp.pipelines.compress --flagfile=my.flags --restart
 """
 
+import json
 import os
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import app, flags
 
-from pipelines.config import ALL_FORMATS, CRITERIA, METHODS, STAGE_FLAGS, STRATEGIES
+from tfkdp.pipelines.config import ALL_FORMATS, CRITERIA, STAGE_FLAGS, STRATEGIES
 
 FLAGS = flags.FLAGS
 
@@ -29,7 +30,11 @@ flags.DEFINE_string(
     "'teacher' (compress a copy of the teacher), a zoo model name, or a .keras/.h5 path.",
 )
 flags.DEFINE_string("dataset", "fashion_mnist", "fashion_mnist, npz:PATH or dir:PATH.")
-flags.DEFINE_enum("method", "kdp", METHODS, "Compression method.")
+flags.DEFINE_string(
+    "method", "kdp",
+    "Compression method: a name registered in tfkdp.methods (tfkdp.methods.names(); "
+    "built in: kdp, prune_only, kd_only).",
+)
 flags.DEFINE_float("target_macs_reduction", 0.5, "Share of the student's MACs to remove, in (0, 1).")
 flags.DEFINE_enum("criterion", "l1", CRITERIA, "Channel importance criterion.")
 flags.DEFINE_integer("round_to", 4, "Kept channel counts are multiples of this (kernel-friendly).")
@@ -74,6 +79,20 @@ flags.register_validator(
     "compress_train_subset", lambda v: v >= 0, message="--compress_train_subset must be >= 0"
 )
 
+def _known_method(name):
+    # Imported at validation, not at flag definition, so --help answers without TensorFlow.
+    from tfkdp import methods
+
+    if name not in methods.names():
+        raise flags.ValidationError(
+            f"--method={name!r} is not a registered method; valid: <{'|'.join(methods.names())}>"
+        )
+    return True
+
+
+flags.register_validator("method", _known_method)
+
+
 def resolved_flags():
     """The values of this module's flags (what state.json and flags.json store)."""
     names = sorted({f for stage_flags in STAGE_FLAGS.values() for f in stage_flags})
@@ -84,24 +103,69 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected positional arguments: {argv[1:]}")
     # Imported here so `--help` and flag errors answer without loading TensorFlow.
-    from pipelines import workflow
+    from tfkdp.pipelines import workflow
+
+    non_finite_error = _non_finite_loss_error()
 
     values = resolved_flags()
     values["output_dir"] = FLAGS.output_dir
     start = time.time()
+    # One line on stderr and no traceback (absl's logging.error would add a second line).
     try:
         report_md = workflow.run(values, restart=FLAGS.restart)
     except (ValueError, FileNotFoundError) as error:
-        logging.error("%s", error)
         print(f"tfkdp-compress: error: {error}", file=sys.stderr)
         return 2
+    except non_finite_error as error:
+        message = diverged_message(error, FLAGS.output_dir)
+        print(f"tfkdp-compress: error: {message}", file=sys.stderr)
+        return 1
     print(report_md)
     print(f"Finished in {time.time() - start:.0f} s; outputs in {os.path.abspath(FLAGS.output_dir)}")
     return 0
 
 
+def _non_finite_loss_error():
+    """The library's NaN/inf training error class (its home moved to tfkdp.train.guard)."""
+    try:
+        from tfkdp.train.guard import NonFiniteLossError
+    except ImportError:
+        from tfkdp.methods.kdp import NonFiniteLossError
+    return NonFiniteLossError
+
+
+def diverged_message(error, output_dir):
+    """One line for a NaN/inf loss: which stage, what is kept, what to try."""
+    from tfkdp.pipelines.config import STAGES
+
+    completed = {}
+    try:
+        with open(os.path.join(output_dir, "state.json"), encoding="utf-8") as f:
+            completed = json.load(f).get("completed", {})
+    except (OSError, ValueError):
+        pass
+    stage = next((s for s in STAGES if s not in completed), "?")
+    kept = [s for s in STAGES if s in completed]
+    lr_flag = "--teacher_lr" if stage == "teacher" else "--lr"
+    detail = " ".join(str(error).split())  # one line, whatever the library wrote
+    return (
+        f"training diverged (loss became NaN/inf) in stage {stage!r}: {detail}. "
+        f"Finished stages {kept or 'none'} are kept in {os.path.abspath(output_dir)}; "
+        f"the {stage!r} stage wrote nothing and rerunning resumes there. "
+        f"Try a lower {lr_flag}, or check the data for NaN/inf."
+    )
+
+
 def run():
-    """Console-script entry point (`tfkdp-compress`)."""
+    """Console-script entry point (`tfkdp-compress`).
+
+    oneDNN's custom operations are turned off first (TensorFlow reads the
+    switch once, when imported), unless `TFKDP_ONEDNN=1` or
+    `TF_ENABLE_ONEDNN_OPTS` is set: see `tfkdp.onednn`.
+    """
+    from tfkdp.onednn import disable_for_entry_point
+
+    disable_for_entry_point()
     app.run(main)
 
 

@@ -6,7 +6,7 @@ them changes no global backend or rc state.
 
 import os
 
-from export._atomic import write_bytes_atomic, write_json_atomic
+from tfkdp.export._atomic import write_bytes_atomic, write_json_atomic
 
 REPORT_SCHEMA_VERSION = 1
 

@@ -13,7 +13,7 @@ import time
 
 from absl import logging
 
-from export._atomic import write_json_atomic
+from tfkdp.export._atomic import write_json_atomic
 
 STATE_FILE = "state.json"
 

@@ -11,10 +11,10 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from export._atomic import tree_size_bytes, write_json_atomic
-from pipelines import report as report_lib
-from pipelines.config import STAGE_FLAGS, STAGES
-from pipelines.state import StageRunner
+from tfkdp.export._atomic import tree_size_bytes, write_json_atomic
+from tfkdp.pipelines import report as report_lib
+from tfkdp.pipelines.config import STAGE_FLAGS, STAGES
+from tfkdp.pipelines.state import StageRunner
 
 
 def _verbose():
@@ -124,13 +124,14 @@ def _teacher_path(ctx):
 
 def load_teacher(ctx):
     """The teacher model of the finished teacher stage (or the user's file)."""
-    from tfkdp.distiller import load_teacher as load
+    from tfkdp.distill.distiller import load_teacher as load
 
     return load(_teacher_path(ctx), input_shape=ctx.input_shape)
 
 
 def stage_teacher(ctx, work):
-    from tfkdp import metrics, models, training
+    from tfkdp import metrics, models
+    from tfkdp.train import phases
 
     spec = ctx.flags["teacher"]
     if spec in models.names():
@@ -138,15 +139,16 @@ def stage_teacher(ctx, work):
         with _scope(ctx):
             model = models.get(spec, input_shape=ctx.input_shape, num_classes=ctx.num_classes)
         train, val = ctx.datasets()
+        training = phases.Training(
+            learning_rate=ctx.flags["teacher_lr"], callbacks=tuple(_callbacks(ctx, "teacher")),
+            verbose=_verbose(),
+        )
         with _scope(ctx):
-            training.train_classifier(
-                model, train, val, epochs=ctx.flags["teacher_epochs"],
-                learning_rate=ctx.flags["teacher_lr"], callbacks=_callbacks(ctx, "teacher"),
-                verbose=_verbose(),
-            )
+            # The guarded supervised phase: a NaN/inf loss stops with NonFiniteLossError.
+            phases.finetune(model, train, val, ctx.flags["teacher_epochs"], training, "teacher")
         model.save(os.path.join(work, "teacher.keras"))
         return dict(_summary(model, ctx), trained_here=True, path="teacher.keras")
-    from tfkdp.distiller import load_teacher as load
+    from tfkdp.distill.distiller import load_teacher as load
 
     model = load(spec, input_shape=ctx.input_shape)
     _check_io(model, ctx, "teacher")
@@ -181,70 +183,102 @@ def build_student(ctx, teacher):
     return student
 
 
-def _distillation_losses(ctx):
-    from tfkdp.losses import SoftTargetKD
+def _method(ctx, stage=None):
+    """The registered method of `--method`, with the pipeline's options.
 
-    return [SoftTargetKD(temperature=ctx.flags["temperature"])]
+    `stage`: the training stage whose TensorBoard logs the method's phases write.
+    """
+    from tfkdp import methods
+    from tfkdp.distill.losses import SoftTargetKD
+    from tfkdp.train.phases import Training
+
+    training = Training(
+        learning_rate=ctx.flags["lr"],
+        distillation_losses=(SoftTargetKD(temperature=ctx.flags["temperature"]),),
+        callbacks=tuple(_callbacks(ctx, stage)) if stage else (),
+        verbose=_verbose(),
+    )
+    return methods.get(
+        ctx.flags["method"], admm_epochs=ctx.flags["compress_epochs"],
+        finetune_epochs=ctx.flags["finetune_epochs"], criterion=ctx.flags["criterion"],
+        round_to=ctx.flags["round_to"], training=training,
+    )  # fmt: skip
+
+
+def _budget(ctx):
+    from tfkdp.methods import Budget
+
+    return Budget.macs(ctx.flags["target_macs_reduction"])
+
+
+def _load_pruned(ctx, stage, model_name):
+    from tfkdp.methods import Pruned
+    from tfkdp.pruning import PruningPlan
+
+    model = keras.saving.load_model(ctx.path(stage, model_name))
+    with open(ctx.path("compress", "plan.json")) as f:
+        plan = PruningPlan.from_json(f.read())
+    summary = ctx.runner.record(stage)["summary"]
+    return Pruned(model, plan, dict(summary.get("history", {})), dict(summary.get("record", {})))
+
+
+def _jsonable_history(history):
+    return {
+        phase: {k: [float(v) for v in values] for k, values in logs.items()}
+        for phase, logs in history.items()
+    }
+
+
+def stage_compress(ctx, work):
+    """`Method.prune`: the method's training and pruning up to the hard prune.
+
+    Writes `masked.keras` (the student with pruned channels held at zero by
+    masks) and `plan.json`.
+    """
+    from tfkdp.pruning.analysis import channel_groups
+
+    train, val = ctx.datasets(ctx.flags["compress_train_subset"])
+    method = _method(ctx, "compress")
+    with _scope(ctx):
+        teacher = load_teacher(ctx)
+        student = build_student(ctx, teacher)
+        pruned = method.prune(teacher, student, train, val, _budget(ctx))
+    pruned.model.save(os.path.join(work, "masked.keras"))
+    with open(os.path.join(work, "plan.json"), "w") as f:
+        f.write(pruned.plan.to_json())
+    groups = channel_groups(pruned.model)
+    return {
+        "plan": json.loads(pruned.plan.to_json()), "channels": _channels(groups, pruned.plan),
+        "history": _jsonable_history(pruned.history), "record": pruned.record,
+    }  # fmt: skip
 
 
 def _channels(groups, plan):
     return {
         g.id: {"size": g.size, "kept": len(plan[g.id]) if g.id in plan else g.size}
         for g in groups if g.prunable
-    }
+    }  # fmt: skip
 
 
-def stage_compress(ctx, work):
-    """kdp: ADMM + KD, then the hard prune; prune_only: criterion prune; kd_only: KD.
-
-    Writes `masked.keras` (the student with pruned channels at zero) and `plan.json`.
-    """
-    from tfkdp import criteria, pruner
-    from tfkdp.graph import channel_groups
-    from tfkdp.masking import apply_plan
-    from tfkdp.methods import kdp
-
-    method = ctx.flags["method"]
+def stage_finetune(ctx, work):
+    """`Method.finetune`: the method's training of the masked student (and BN re-estimation)."""
     train, val = ctx.datasets(ctx.flags["compress_train_subset"])
+    method = _method(ctx, "finetune")
     with _scope(ctx):
         teacher = load_teacher(ctx)
-        student = build_student(ctx, teacher)
-        groups = channel_groups(student)
-        if method == "prune_only":
-            crit = criteria.get(ctx.flags["criterion"])
-            plan = pruner.make_plan(
-                student, groups=groups, target_macs_reduction=ctx.flags["target_macs_reduction"],
-                criterion=crit, round_to=ctx.flags["round_to"],
-                data=train if crit.requires_data else None,
-            )
-        else:
-            _, plan, _ = kdp.compress(
-                teacher, student, train, val,
-                target_macs_reduction=ctx.flags["target_macs_reduction"] if method == "kdp" else None,
-                method=method, admm_epochs=ctx.flags["compress_epochs"], finetune_epochs=0,
-                criterion=ctx.flags["criterion"], round_to=ctx.flags["round_to"],
-                learning_rate=ctx.flags["lr"], distillation_losses=_distillation_losses(ctx),
-                recalibrate_bn=0, callbacks=_callbacks(ctx, "compress"), verbose=_verbose(),
-            )
-        masked = apply_plan(student, plan) if len(plan) else student
-    masked.save(os.path.join(work, "masked.keras"))
-    with open(os.path.join(work, "plan.json"), "w") as f:
-        f.write(plan.to_json())
-    return {"plan": json.loads(plan.to_json()), "channels": _channels(groups, plan)}
+        pruned = _load_pruned(ctx, "compress", "masked.keras")
+        pruned = method.finetune(teacher, pruned, train, val)
+    pruned.model.save(os.path.join(work, "masked.keras"))
+    return {"history": _jsonable_history(pruned.history), "record": pruned.record}
 
 
 def stage_strip(ctx, work):
-    """Removes the pruned channels; checks the small model computes what the masked one does."""
-    from tfkdp import metrics
-    from tfkdp.plan import PruningPlan
-    from tfkdp.surgery import strip_channels
-
-    masked = keras.saving.load_model(ctx.path("compress", "masked.keras"))
-    with open(ctx.path("compress", "plan.json")) as f:
-        plan = PruningPlan.from_json(f.read())
-    small = strip_channels(masked, plan) if len(plan) else masked
+    """`Method.finalize`: the deployable model; checked to compute what the masked one does."""
+    method = _method(ctx)
+    pruned = _load_pruned(ctx, "finetune", "masked.keras")
+    small = method.finalize(pruned)
     x, _ = ctx.test_inputs(256)
-    expected = masked.predict(x, verbose=0)
+    expected = pruned.model.predict(x, verbose=0)
     got = small.predict(x, verbose=0)
     diff = float(np.max(np.abs(expected - got)))
     scale = float(np.max(np.abs(expected))) or 1.0
@@ -254,46 +288,14 @@ def stage_strip(ctx, work):
             f"stripped model differs from the masked model by {diff:.3g} (output scale "
             f"{scale:.3g}); refusing to continue with a model that computes something else"
         )
-    small.save(os.path.join(work, "stripped.keras"))
-    return {"max_abs_diff_vs_masked": diff, "macs": metrics.count_macs(small),
-            "params": metrics.count_params(small)}
-
-
-def stage_finetune(ctx, work):
-    """KD fine-tune of the stripped student (plain fine-tune for prune_only)."""
-    from tfkdp import training
-    from tfkdp.methods import kdp
-
-    method = ctx.flags["method"]
-    epochs = ctx.flags["finetune_epochs"]
-    if method == "prune_only":
-        # prune_only trains no earlier stage: it gets the same total epochs here.
-        epochs += ctx.flags["compress_epochs"]
-    train, val = ctx.datasets(ctx.flags["compress_train_subset"])
-    with _scope(ctx):
-        student = keras.saving.load_model(ctx.path("strip", "stripped.keras"))
-        if epochs and method == "prune_only":
-            training.train_classifier(student, train, val, epochs=epochs,
-                                      learning_rate=ctx.flags["lr"],
-                                      callbacks=_callbacks(ctx, "finetune"), verbose=_verbose())
-            kdp.recalibrate_batchnorm(student, train)
-        elif epochs:
-            teacher = load_teacher(ctx)
-            student, _, _ = kdp.compress(
-                teacher, student, train, val, method="kd_only", admm_epochs=0,
-                finetune_epochs=epochs, learning_rate=ctx.flags["lr"],
-                distillation_losses=_distillation_losses(ctx),
-                callbacks=_callbacks(ctx, "finetune"), verbose=_verbose(),
-            )
-    student.save(os.path.join(work, "student.keras"))
-    return dict(_summary(student, ctx), epochs=epochs)
+    small.save(os.path.join(work, "student.keras"))
+    return dict(_summary(small, ctx), max_abs_diff_vs_masked=diff)
 
 
 def stage_export(ctx, work):
-    import export
-    from tfkdp import data
+    from tfkdp import data, export
 
-    model = keras.saving.load_model(ctx.path("finetune", "student.keras"))
+    model = keras.saving.load_model(ctx.path("strip", "student.keras"))
     calibration = data.preprocess(ctx.x_train[:256]).numpy()
     artifacts = export.export_model(
         model, os.path.join(work, "artifacts"), formats=tuple(ctx.flags["formats"]),
@@ -309,9 +311,9 @@ def _artifacts(ctx):
 
 
 def stage_verify(ctx, work):
-    import export
+    from tfkdp import export
 
-    model = keras.saving.load_model(ctx.path("finetune", "student.keras"))
+    model = keras.saving.load_model(ctx.path("strip", "student.keras"))
     x, y = ctx.test_inputs(ctx.flags["verify_samples"])
     results = export.verify(model, _artifacts(ctx), x, y)
     write_json_atomic(os.path.join(work, "verify.json"), results)
@@ -319,7 +321,7 @@ def stage_verify(ctx, work):
 
 
 def stage_latency(ctx, work):
-    import export
+    from tfkdp import export
 
     rows = export.benchmark_latency(
         _artifacts(ctx), ctx.input_shape,
@@ -333,9 +335,10 @@ def stage_latency(ctx, work):
 def stage_report(ctx, work):
     runner = ctx.runner
     teacher = {k: runner.record("teacher")["summary"][k] for k in ("accuracy", "macs", "params")}
-    finetune = runner.record("finetune")["summary"]
+    final = runner.record("strip")["summary"]
     compress = runner.record("compress")["summary"]
-    student = {k: finetune[k] for k in ("accuracy", "macs", "params")}
+    student = {k: final[k] for k in ("accuracy", "macs", "params")}
+    student["record"] = runner.record("finetune")["summary"].get("record")
     student["plan"] = compress.get("plan")
     student["channels"] = compress.get("channels", {})
     verify = runner.record("verify")["summary"]["results"]
@@ -366,10 +369,39 @@ def stage_report(ctx, work):
 
 
 _STAGE_FNS = {
-    "teacher": stage_teacher, "compress": stage_compress, "strip": stage_strip,
-    "finetune": stage_finetune, "export": stage_export, "verify": stage_verify,
+    "teacher": stage_teacher, "compress": stage_compress, "finetune": stage_finetune,
+    "strip": stage_strip, "export": stage_export, "verify": stage_verify,
     "latency": stage_latency, "report": stage_report,
 }
+
+
+def preflight(ctx):
+    """Checks the teacher, the student and the budget before any training.
+
+    A zoo name that does not exist, a model file that is missing or cannot be
+    loaded, or a MAC budget the student's architecture cannot reach is a
+    `ValueError`/`FileNotFoundError` now, not after the teacher was trained.
+    """
+    from tfkdp import methods, models
+    from tfkdp.pipelines import validate
+
+    flags = ctx.flags
+    teacher_kind = validate.check_model_spec(flags["teacher"], "teacher")
+    student_kind = validate.check_model_spec(
+        flags["student"], "student", allow_savedmodel=False, keywords=("teacher",)
+    )
+    if not getattr(methods.get(flags["method"]), "prunes", True):
+        return
+    spec, kind = (flags["teacher"], teacher_kind) if student_kind == "keyword" else (
+        flags["student"], student_kind
+    )
+    if kind == "zoo":
+        architecture = models.get(spec, input_shape=ctx.input_shape, num_classes=ctx.num_classes)
+    elif os.path.isdir(spec):
+        return  # a SavedModel cannot be the student; build_student says so
+    else:
+        architecture = validate.check_keras_file(spec, "teacher" if student_kind == "keyword" else "student")
+    validate.check_budget_reachable(architecture, flags["target_macs_reduction"], flags["round_to"])
 
 
 def run(values, restart=False):
@@ -378,7 +410,8 @@ def run(values, restart=False):
     flags_only = {k: v for k, v in values.items() if k != "output_dir"}
     runner = StageRunner(output_dir, flags_only, STAGE_FLAGS, restart=restart)
     write_json_atomic(os.path.join(runner.output_dir, "flags.json"), values)
-    ctx = Context(flags_only, runner)
+    ctx = Context(flags_only, runner)  # loads and checks the data (NaN/inf, shapes, labels)
+    preflight(ctx)
     for index, stage in enumerate(STAGES, 1):
         was_done = runner.done(stage)
         summary = runner.run(stage, lambda work, s=stage: _STAGE_FNS[s](ctx, work))

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfkdp import admm as admm_lib
 from tfkdp import data, models, runtime, schedules
-from tfkdp.graph import channel_groups
+from tfkdp.pruning import channel_groups
+from tfkdp.pruning.sparsity import admm as admm_lib
 
 KEEP = {"stem_conv": 3, "stage1_block1_conv1": 2, "stage3_block1_conv2": 9}
 
@@ -168,8 +168,8 @@ def test_tfmot_polynomial_decay_drives_admm_sparsity():
 
 
 def _distiller(teacher, student, admm):
-    from tfkdp.distiller import Distiller
-    from tfkdp.training import make_optimizer
+    from tfkdp.distill.distiller import Distiller
+    from tfkdp.train.recipe import make_optimizer
 
     distiller = Distiller(teacher, student, sparsity=admm)
     distiller.compile(
@@ -241,8 +241,8 @@ def test_admm_bad_arguments_name_the_value(kwargs, message):
 
 
 def test_admm_runs_inside_an_xla_compiled_step_with_steps_per_execution(tiny_images):
-    from tfkdp.distiller import Distiller
-    from tfkdp.training import make_optimizer
+    from tfkdp.distill.distiller import Distiller
+    from tfkdp.train.recipe import make_optimizer
 
     x, y = tiny_images
     ds = data.make_dataset(x, y, batch_size=16, training=False)
@@ -274,7 +274,7 @@ def _plain_net(name, seed):
 
 
 def test_admm_under_mirrored_strategy_matches_single_device(tiny_images):
-    from tfkdp.distiller import Distiller
+    from tfkdp.distill.distiller import Distiller
 
     x, y = tiny_images  # 64 images; 4 global batches of 16, 8 per replica
     strategy = runtime.mirrored_strategy(["/cpu:0", "/cpu:1"])

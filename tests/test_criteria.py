@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 from tfkdp import criteria, models
-from tfkdp.graph import channel_groups, channel_values
+from tfkdp.pruning import channel_groups, channel_values
 
 
 def _tiny_resnet():

@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from tfkdp import losses as kd
 from tfkdp import runtime
-from tfkdp.distiller import Distiller
+from tfkdp.distill.distiller import Distiller
 from tfkdp.models import resnet_cifar
 
 CE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -121,7 +121,11 @@ def test_fit_trains_only_student_and_connector_teacher_unchanged(tiny_images):
 
     for before, after in zip(teacher_before, _values(teacher.weights), strict=True):
         np.testing.assert_array_equal(before, after)
-    assert not teacher.trainable
+    # Frozen without being changed: the caller's teacher keeps its flag, the distiller
+    # tracks none of its variables.
+    assert teacher.trainable
+    teacher_ids = {id(v) for v in teacher.weights}
+    assert not teacher_ids & {id(v) for v in distiller.variables}
     # Every student variable moved: trainable ones by Adam, BN statistics because the
     # student (not the teacher) runs with training=True.
     for variable, before in zip(student.weights, student_before, strict=True):
@@ -519,7 +523,8 @@ def test_teacher_loaded_from_keras_file_and_savedmodel(tiny_images, tmp_path):
     expected = keras.ops.convert_to_numpy(teacher(x))
     for source in (keras_path, str(saved_model)):
         distiller = Distiller(source, student)
-        assert not distiller.teacher.trainable
+        teacher_ids = {id(v) for v in distiller.teacher.weights}
+        assert not teacher_ids & {id(v) for v in distiller.trainable_variables}
         np.testing.assert_allclose(
             keras.ops.convert_to_numpy(distiller.teacher(x, training=False)), expected, rtol=1e-5, atol=1e-6
         )

@@ -17,8 +17,8 @@ import pytest
 import tensorflow as tf
 from keras import layers
 
-import export
-from export import converters, runners
+from tfkdp import export
+from tfkdp.export import converters, runners
 
 INPUT_SHAPE = (12, 12, 1)
 NUM_CLASSES = 3
@@ -452,11 +452,67 @@ def test_benchmark_latency_rows_per_artifact_runtime_and_threads(exported):
     assert sizes["saved_model"] == saved
 
 
+class _FakeRunner:
+    """Stands in for a LiteRT/onnxruntime runner; logs each call to a shared list."""
+
+    def __init__(self, fmt, path, num_threads, log):
+        self.key = (fmt, num_threads)
+        self.runtime = export.RUNTIMES[fmt]
+        self._log = log
+
+    def prepare(self, x):
+        return x
+
+    def run(self, feed):
+        self._log.append(self.key)
+        return feed
+
+
+def test_benchmark_latency_interleaves_every_artifact_in_each_round(tmp_path, monkeypatch):
+    from tfkdp.export import latency
+
+    log = []
+    monkeypatch.setattr(
+        latency, "open_runner", lambda fmt, path, num_threads=None: _FakeRunner(
+            fmt, path, num_threads, log
+        ),
+    )  # fmt: skip
+    artifacts = {}
+    for fmt in ("tflite", "tflite_int8", "onnx"):
+        artifacts[fmt] = tmp_path / f"{fmt}.bin"
+        artifacts[fmt].write_bytes(b"x" * 7)
+    rows = export.benchmark_latency(artifacts, INPUT_SHAPE, threads=(1, 2), warmup=3, repeat=25)
+
+    cells = [(f, t) for f in artifacts for t in (1, 2)]
+    assert [(r["format"], r["threads"]) for r in rows] == cells
+    for row in rows:
+        assert set(row) >= {
+            "format", "runtime", "threads", "batch_size", "p50_ms", "p90_ms", "mean_ms",
+            "std_ms", "size_bytes", "path", "repeat",
+        }  # fmt: skip
+        assert row["repeat"] == 25 and row["rounds"] == 10 and row["size_bytes"] == 7
+    # The initial warm-up: `warmup` calls per cell, before any timed block.
+    assert sorted(log[: 3 * len(cells)]) == sorted(cells * 3)
+    # Then 10 rounds; in each, every cell runs one block: 2 re-warm calls plus its
+    # share of the timed calls (25 split over 10 blocks: five of 3, then five of 2).
+    rest = log[3 * len(cells):]
+    timed = dict.fromkeys(cells, 0)
+    for size in (3,) * 5 + (2,) * 5:
+        visited = []
+        for _ in cells:
+            block, rest = rest[: 2 + size], rest[2 + size:]
+            assert len(set(block)) == 1, block  # one cell per block
+            visited.append(block[0])
+            timed[block[0]] += size
+        assert sorted(visited) == sorted(cells)
+    assert rest == [] and timed == dict.fromkeys(cells, 25)
+
+
 def test_tf_latency_worker_sets_thread_pools_before_first_op(exported):
     paths, _ = exported
     env = dict(os.environ, PYTHONPATH=REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="2")
     completed = subprocess.run(
-        [sys.executable, "-m", "export._tf_latency", "--saved_model", paths["saved_model"],
+        [sys.executable, "-m", "tfkdp.export._tf_latency", "--saved_model", paths["saved_model"],
          "--input_shape", "12,12,1", "--threads", "2", "--batch_size", "3", "--warmup", "1",
          "--repeat", "3"],
         capture_output=True, text=True, env=env, cwd=REPO_ROOT, check=False,

@@ -1,4 +1,4 @@
-"""`python -m export`: one end-to-end subprocess run, and each bad input as a clear error.
+"""`python -m tfkdp.export`: one end-to-end subprocess run, and each bad input as a clear error.
 
 Error cases call `main` in-process on a private `FlagValues` (no global flag
 state, no TF import per case); the happy path runs the real CLI in a
@@ -16,7 +16,7 @@ import pytest
 from absl import flags
 from test_export import REPO_ROOT, build_tiny_model, structured_images, train_tiny_model
 
-from export import __main__ as cli
+from tfkdp.export import __main__ as cli
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def test_cli_end_to_end_exports_verifies_times_and_writes_report(files, tmp_path
     env = dict(os.environ, PYTHONPATH=REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="2")
     completed = subprocess.run(
         [
-            sys.executable, "-m", "export", f"--model={files / 'tiny.keras'}", f"--out={out}",
+            sys.executable, "-m", "tfkdp.export", f"--model={files / 'tiny.keras'}", f"--out={out}",
             "--formats=tflite,tflite_int8,onnx", f"--calibration=npz:{files / 'data.npz'}",
             "--calibration_samples=64", "--latency", "--threads=1,2", "--latency_warmup=1",
             "--latency_repeat=5",

@@ -8,17 +8,17 @@ import pytest
 from keras import layers
 
 from tfkdp import models
-from tfkdp.graph import (
+from tfkdp.pruning import (
     ChannelGroup,
     ParamRef,
     PassThrough,
+    PruningPlan,
     channel_groups,
     channel_values,
     get_layer,
     get_weight,
     register_layer,
 )
-from tfkdp.plan import PruningPlan
 
 
 def _by_id(model):

@@ -1,14 +1,27 @@
 """The KDP recipe and its baselines, end to end on tiny data."""
 
+import dataclasses
+
 import keras
 import numpy as np
 import pytest
 
-from tfkdp import data, metrics, models, pruner
-from tfkdp.graph import channel_groups
-from tfkdp.masking import apply_plan
-from tfkdp.methods import kdp
-from tfkdp.surgery import plan_macs
+from tfkdp import data, methods, metrics, models
+from tfkdp import pruning as pruner
+from tfkdp.pruning import apply_plan, channel_groups, plan_macs
+from tfkdp.train import NonFiniteLossError, copy_model, recalibrate_batchnorm
+from tfkdp.train.phases import Training
+
+_TRAINING = {field.name for field in dataclasses.fields(Training)}
+
+
+def _compress(teacher, student, train_data=None, val_data=None, *, method="kdp",
+              target_macs_reduction=None, **options):  # fmt: skip
+    """The method layer with the recipe's options and training settings in one call."""
+    training = {k: options.pop(k) for k in list(options) if k in _TRAINING}
+    budget = None if target_macs_reduction is None else methods.Budget.macs(target_macs_reduction)
+    method = methods.get(method, training=training, **options)
+    return method.compress(teacher, student, train_data, val_data, budget)
 
 
 def _model(width=8):
@@ -39,9 +52,9 @@ def _pruned_energy_ratio(model, plan):
 def test_kdp_short_run_returns_stripped_model_matching_plan_and_masked_outputs(tiny_images):
     x, _ = tiny_images
     teacher = _model()
-    student = kdp.copy_model(teacher)
+    student = copy_model(teacher)
     budget = pruner.make_plan(student, target_macs_reduction=0.5)
-    stripped, plan, history = kdp.compress(
+    stripped, plan, history = _compress(
         teacher, student, _dataset(tiny_images), target_macs_reduction=0.5,
         admm_epochs=3, finetune_epochs=0, update_every=2, rho_initial=0.1, rho_final=2.0,
         sparsity_ramp=0.25, learning_rate=0.1, recalibrate_bn=0,  # keep the student's BN statistics
@@ -67,7 +80,7 @@ def test_kdp_short_run_returns_stripped_model_matching_plan_and_masked_outputs(t
 def test_kdp_with_a_different_student_architecture_fine_tunes_and_strips(tiny_images):
     teacher = _model(width=8)
     student = _model(width=4)
-    stripped, plan, history = kdp.compress(
+    stripped, plan, history = _compress(
         teacher, student, _dataset(tiny_images), _dataset(tiny_images), target_macs_reduction=0.3,
         admm_epochs=1, finetune_epochs=1, update_every=2,
     )  # fmt: skip
@@ -82,7 +95,7 @@ def test_kdp_with_a_different_student_architecture_fine_tunes_and_strips(tiny_im
 def test_prune_only_uses_the_criterion_plan_and_no_teacher(tiny_images):
     student = _model()
     want_plan = pruner.make_plan(student, target_macs_reduction=0.4, criterion="l2", round_to=2)
-    stripped, plan, history = kdp.compress(
+    stripped, plan, history = _compress(
         None, student, _dataset(tiny_images), method="prune_only", target_macs_reduction=0.4,
         criterion="l2", round_to=2, admm_epochs=1, finetune_epochs=1,
     )  # fmt: skip
@@ -94,7 +107,7 @@ def test_prune_only_uses_the_criterion_plan_and_no_teacher(tiny_images):
 def test_kd_only_trains_the_dense_student_and_returns_an_empty_plan(tiny_images):
     teacher, student = _model(8), _model(4)
     before = [w.numpy().copy() for w in student.trainable_weights]
-    result, plan, history = kdp.compress(
+    result, plan, history = _compress(
         teacher, student, _dataset(tiny_images), method="kd_only", admm_epochs=1, finetune_epochs=1
     )
     assert result is student
@@ -109,10 +122,10 @@ def test_non_finite_loss_stops_with_clear_error_and_restores_last_good_weights(t
     x[16:32] = np.nan  # the second batch
     ds = data.make_dataset(x, y, batch_size=16, training=False)
     teacher = _model()
-    student = kdp.copy_model(teacher)
+    student = copy_model(teacher)
     before = [w.numpy().copy() for w in student.weights]
-    with pytest.raises(kdp.NonFiniteLossError, match=r"loss became nan at batch 1.*restored to the start"):
-        kdp.compress(teacher, student, ds, target_macs_reduction=0.3, admm_epochs=1, finetune_epochs=0)
+    with pytest.raises(NonFiniteLossError, match=r"loss became nan at batch 1.*restored to the start"):
+        _compress(teacher, student, ds, target_macs_reduction=0.3, admm_epochs=1, finetune_epochs=0)
     for b, w in zip(before, student.weights, strict=True):
         np.testing.assert_array_equal(w.numpy(), b)
 
@@ -138,14 +151,14 @@ def test_compress_bad_arguments_name_the_value(tiny_images, kwargs, message):
     }  # fmt: skip
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
-        kdp.compress(**args)
+        _compress(**args)
 
 
 def test_copy_model_is_a_trainable_copy_with_equal_outputs(tiny_images):
     x, _ = tiny_images
     teacher = _model()
     teacher.trainable = False
-    copy = kdp.copy_model(teacher)
+    copy = copy_model(teacher)
     assert len(copy.trainable_weights) == len(_model().trainable_weights) > 0
     assert all(a is not b for a, b in zip(copy.weights, teacher.weights, strict=True))
     np.testing.assert_array_equal(copy.predict(x, verbose=0), teacher.predict(x, verbose=0))
@@ -159,7 +172,7 @@ def test_recalibrate_batchnorm_sets_moving_stats_to_the_average_of_batch_stats()
     rng = np.random.default_rng(0)
     x = rng.normal(loc=2.0, size=(12, 5, 5, 2)).astype("float32")
     ds = data.make_dataset(x, np.zeros(12, "int32"), batch_size=4, training=False)
-    assert kdp.recalibrate_batchnorm(model, ds, num_batches=3) == 1
+    assert recalibrate_batchnorm(model, ds, num_batches=3) == 1
     feats = model.get_layer("conv")(x).numpy().reshape(3, -1, 3)  # 3 batches of 4 images
     bn = model.get_layer("bn")
     np.testing.assert_allclose(bn.moving_mean.numpy(), feats.mean(axis=1).mean(axis=0), rtol=1e-5, atol=1e-6)

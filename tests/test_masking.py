@@ -1,5 +1,6 @@
 """Channel masks (`tfkdp.masking`): zeros through the whole group, kept through training."""
 
+import json
 import os
 
 import keras
@@ -8,8 +9,8 @@ import pytest
 import tensorflow as tf
 
 from tfkdp import models
-from tfkdp.masking import ChannelMask, apply_plan, mask_axes, plan_of, unwrap_mask
-from tfkdp.plan import PruningPlan
+from tfkdp.pruning import ChannelMask, PruningPlan, apply_plan, plan_of
+from tfkdp.pruning.masks import mask_axes, unwrap_mask
 
 # Stem group of resnet8 (stem conv + stage1 conv2, tied by the residual add)
 # and the first conv of stage 2.
@@ -48,7 +49,7 @@ def _assert_plan_zeros(model):
 
 
 def test_channel_mask_zeroes_entries_outside_keep_on_its_axis():
-    mask = ChannelMask(keep=[2, 0], size=3, axis=1)
+    mask = ChannelMask(size=3, axis=1, keep=[2, 0])
     out = keras.ops.convert_to_numpy(mask(keras.ops.ones((2, 3, 4))))
     np.testing.assert_array_equal(out[:, 1], 0.0)
     np.testing.assert_array_equal(out[:, [0, 2]], 1.0)
@@ -56,9 +57,14 @@ def test_channel_mask_zeroes_entries_outside_keep_on_its_axis():
 
 
 def test_channel_mask_config_round_trips_with_inner_constraint():
-    mask = ChannelMask([1], 2, -1, ChannelMask([0, 2], 3, 0, keras.constraints.NonNeg()))
+    mask = ChannelMask(2, -1, keep=[1], constraint=ChannelMask(3, 0, keep=[0, 2], constraint=keras.constraints.NonNeg()))
     restored = keras.constraints.deserialize(keras.constraints.serialize(mask))
     assert isinstance(restored, ChannelMask) and restored.get_config() == mask.get_config()
+    # Masks are state: the config holds sizes and axes, the values travel with the
+    # weights (a .keras file, a checkpoint), as they do here.
+    assert "keep" not in json.dumps(keras.constraints.serialize(mask))
+    restored.mask.assign(mask.mask)
+    restored.constraint.mask.assign(mask.constraint.mask)
     assert isinstance(unwrap_mask(restored), keras.constraints.NonNeg)
     axes = mask_axes(restored)
     np.testing.assert_array_equal(axes[-1], [False, True])
@@ -71,9 +77,9 @@ def test_channel_mask_config_round_trips_with_inner_constraint():
 
 def test_channel_mask_rejects_bad_indices():
     with pytest.raises(ValueError, match="in \\[0, 3\\)"):
-        ChannelMask([0, 3], 3, 0)
+        ChannelMask(3, 0, keep=[0, 3])
     with pytest.raises(ValueError, match="size must be positive"):
-        ChannelMask([], 0, 0)
+        ChannelMask(0, 0, keep=[])
 
 
 def test_apply_plan_zeroes_every_slice_of_the_group_and_keeps_names():

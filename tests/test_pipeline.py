@@ -1,4 +1,4 @@
-"""End-to-end tests of `python -m pipelines.compress` on tiny generated data."""
+"""End-to-end tests of `python -m tfkdp.pipelines.compress` on tiny generated data."""
 
 import json
 import os
@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from pipelines import workflow
-from pipelines.state import FlagMismatchError
+from tfkdp.pipelines import workflow
+from tfkdp.pipelines.state import FlagMismatchError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -93,7 +93,8 @@ def test_pipeline_end_to_end_then_resume_after_crash(tmp_path, monkeypatch):
     monkeypatch.setitem(workflow._STAGE_FNS, "export", crash)
     with pytest.raises(KeyboardInterrupt):
         workflow.run(values)
-    assert calls == ["teacher", "compress", "strip", "finetune"]
+    # The method's order: prune (compress), masked fine-tune (finetune), then strip.
+    assert calls == ["teacher", "compress", "finetune", "strip"]
     assert not os.path.exists(os.path.join(out, "export"))
     assert not [n for n in os.listdir(out) if n.startswith(".export-")]
 
@@ -128,8 +129,8 @@ def test_pipeline_rejects_teacher_with_wrong_number_of_classes(tmp_path):
 
 
 def test_pipeline_savedmodel_teacher_is_evaluated_but_not_copied_as_student(tmp_path):
-    from pipelines.state import StageRunner
     from tfkdp import models
+    from tfkdp.pipelines.state import StageRunner
 
     teacher = models.resnet_cifar(8, width=4, input_shape=(12, 12, 1), num_classes=3)
     path = str(tmp_path / "teacher_sm")
@@ -176,7 +177,7 @@ def test_pipeline_mirrored_strategy_runs_kdp_end_to_end(tmp_path):
 )
 def test_cli_bad_flags_get_absl_errors_listing_choices(flag, message, tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "pipelines.compress", flag, f"--output_dir={tmp_path}/o"],
+        [sys.executable, "-m", "tfkdp.pipelines.compress", flag, f"--output_dir={tmp_path}/o"],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode != 0

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from pipelines.state import FlagMismatchError, StageRunner
+from tfkdp.pipelines.state import FlagMismatchError, StageRunner
 
 STAGE_FLAGS = {"a": ("x",), "b": ("y",), "c": ()}
 

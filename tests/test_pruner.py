@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from tfkdp import metrics, models, pruner
-from tfkdp.graph import channel_groups
-from tfkdp.surgery import plan_macs, plan_params, strip_channels
+from tfkdp import metrics, models
+from tfkdp import pruning as pruner
+from tfkdp.pruning import channel_groups, plan_macs, plan_params, strip_channels
 
 
 def _resnet(width=8):

@@ -13,10 +13,16 @@ import pytest
 from keras import layers
 
 from tfkdp import metrics, models
-from tfkdp.graph import channel_groups
-from tfkdp.masking import ChannelMask, apply_plan
-from tfkdp.plan import PruningPlan
-from tfkdp.surgery import fold_batchnorm, plan_macs, plan_params, strip_channels
+from tfkdp.pruning import (
+    ChannelMask,
+    PruningPlan,
+    apply_plan,
+    channel_groups,
+    fold_batchnorm,
+    plan_macs,
+    plan_params,
+    strip_channels,
+)
 
 RTOL = 1e-5
 

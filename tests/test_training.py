@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfkdp import data, models, training
+from tfkdp import data, models
+from tfkdp.train import recipe as training
 
 
 def test_train_classifier_learns_structured_data(tiny_images):

@@ -2,56 +2,58 @@
 
 Importing tfkdp has no global side effects: no environment variables, no
 mixed-precision policy, no device settings. Importing it registers tfkdp's
-serializable objects (`ChannelMask`, the distillation losses) with Keras, so
-`keras.saving.load_model` reads masked models after a plain `import tfkdp`.
+serializable objects (`ChannelMask`, `WeightMask`, the distillation losses,
+the schedules) with Keras, so `keras.saving.load_model` reads masked models
+after a plain `import tfkdp`.
+
+Packages: `tfkdp.pruning` (structured-pruning core), `tfkdp.pruning.sparsity`
+(ADMM, schedules), `tfkdp.distill` (Distiller, losses), `tfkdp.train`
+(phases), `tfkdp.methods` (recipes); modules `data`, `models`, `metrics`.
 """
 
-from tfkdp import (
-    admm,
-    criteria,
-    data,
-    graph,
-    losses,
-    masking,
-    methods,
-    metrics,
-    models,
-    plan,
-    pruner,
-    runtime,
-    schedules,
-    surgery,
-    training,
-)
-from tfkdp.admm import ADMM
-from tfkdp.distiller import Distiller
-from tfkdp.graph import ChannelGroup, ParamRef, channel_groups, register_layer
-from tfkdp.losses import AttentionTransfer, DecoupledKD, HintLoss, SoftTargetKD
-from tfkdp.masking import ChannelMask, apply_plan, plan_of
+import sys
+
+from tfkdp import checks, data, distill, methods, metrics, models, pruning, train
+from tfkdp.distill import losses
+from tfkdp.distill.distiller import Distiller
+from tfkdp.distill.losses import AttentionTransfer, DecoupledKD, HintLoss, SoftTargetKD
 from tfkdp.metrics import count_macs, count_params
-from tfkdp.plan import PruningPlan
-from tfkdp.pruner import make_plan
-from tfkdp.surgery import fold_batchnorm, plan_macs, plan_params, strip_channels
+from tfkdp.pruning import criteria
+from tfkdp.pruning.allocation import make_plan
+from tfkdp.pruning.analysis import channel_groups
+from tfkdp.pruning.cost import plan_macs, plan_params
+from tfkdp.pruning.handlers import register_layer
+from tfkdp.pruning.masking import apply_plan, plan_of
+from tfkdp.pruning.masks import ChannelMask, WeightMask
+from tfkdp.pruning.plan import PruningPlan
+from tfkdp.pruning.records import ChannelGroup, ParamRef
+from tfkdp.pruning.sparsity import schedules
+from tfkdp.pruning.sparsity.admm import ADMM
+from tfkdp.pruning.surgery import fold_batchnorm, merge_channels, strip_channels
+from tfkdp.train import runtime
 from tfkdp.version import __version__
+
+# Short module paths of the flat layout (`from tfkdp.losses import SoftTargetKD`).
+for _name, _module in (("losses", losses), ("criteria", criteria), ("schedules", schedules),
+                       ("runtime", runtime)):  # fmt: skip
+    sys.modules.setdefault(f"{__name__}.{_name}", _module)
+del _name, _module
 
 __all__ = [
     "__version__",
-    # modules
-    "admm",
-    "criteria",
+    # packages and modules
+    "checks",
     "data",
-    "graph",
-    "losses",
-    "masking",
+    "distill",
     "methods",
     "metrics",
     "models",
-    "plan",
-    "pruner",
-    "runtime",
+    "pruning",
+    "train",
+    "criteria",
+    "losses",
     "schedules",
-    "surgery",
-    "training",
+    "runtime",
     # graph and plans
     "ChannelGroup",
     "ParamRef",
@@ -62,7 +64,9 @@ __all__ = [
     "apply_plan",
     "plan_of",
     "ChannelMask",
+    "WeightMask",
     "strip_channels",
+    "merge_channels",
     "fold_batchnorm",
     "plan_macs",
     "plan_params",

@@ -17,6 +17,8 @@ checkpoints carry, so a resumed run continues the same curve.
 import keras
 import tensorflow as tf
 
+from tfkdp.checks import check_fraction, check_int, check_number
+
 __all__ = [
     "SparsitySchedule",
     "ConstantSparsity",
@@ -29,14 +31,12 @@ __all__ = [
 ]
 
 
-def _check_int(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}; received {name}={value!r}")
+def _sparsity(name, value):
+    return check_fraction(name, value, low_inclusive=True)
 
 
-def _check_sparsity(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise ValueError(f"{name} must be a number in [0, 1); received {name}={value!r}")
+def _positive(name, value):
+    return check_number(name, value, 0, strict=True)
 
 
 def _as_step(step):
@@ -88,14 +88,14 @@ class ConstantSparsity(SparsitySchedule):
         ValueError: for a sparsity outside [0, 1) or inconsistent steps.
 
     Example:
-        >>> ConstantSparsity(0.5, 0)(10)[1].numpy()
+        >>> float(ConstantSparsity(0.5, 0)(10)[1])
         0.5
     """
 
     def __init__(self, target_sparsity, begin_step=0, end_step=-1, frequency=100):
-        _check_sparsity("target_sparsity", target_sparsity)
-        _check_int("begin_step", begin_step, 0)
-        _check_int("frequency", frequency, 1)
+        _sparsity("target_sparsity", target_sparsity)
+        check_int("begin_step", begin_step, 0)
+        check_int("frequency", frequency, 1)
         if isinstance(end_step, bool) or not isinstance(end_step, int) or (
             end_step != -1 and end_step < begin_step
         ):
@@ -152,16 +152,12 @@ class PolynomialDecay(SparsitySchedule):
     def __init__(
         self, initial_sparsity, final_sparsity, begin_step, end_step, power=3, frequency=100
     ):
-        _check_sparsity("initial_sparsity", initial_sparsity)
-        _check_sparsity("final_sparsity", final_sparsity)
-        _check_int("begin_step", begin_step, 0)
-        _check_int("frequency", frequency, 1)
-        if isinstance(end_step, bool) or not isinstance(end_step, int) or end_step <= begin_step:
-            raise ValueError(
-                f"end_step must be an integer > begin_step ({begin_step}); received end_step={end_step!r}"
-            )
-        if isinstance(power, bool) or not isinstance(power, (int, float)) or not power > 0:
-            raise ValueError(f"power must be > 0; received power={power!r}")
+        _sparsity("initial_sparsity", initial_sparsity)
+        _sparsity("final_sparsity", final_sparsity)
+        check_int("begin_step", begin_step, 0)
+        check_int("frequency", frequency, 1)
+        check_int("end_step", end_step, begin_step + 1)
+        check_number("power", power, 0, strict=True)
         self.initial_sparsity = float(initial_sparsity)
         self.final_sparsity = float(final_sparsity)
         self.begin_step = begin_step
@@ -205,11 +201,6 @@ class RhoSchedule:
         return cls(**config)
 
 
-def _check_positive(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name} must be a number > 0; received {name}={value!r}")
-
-
 @keras.saving.register_keras_serializable(package="tfkdp")
 class ConstantRho(RhoSchedule):
     """A fixed ADMM penalty coefficient.
@@ -222,7 +213,7 @@ class ConstantRho(RhoSchedule):
     """
 
     def __init__(self, rho=1e-3):
-        _check_positive("rho", rho)
+        _positive("rho", rho)
         self.rho = float(rho)
 
     def __call__(self, step):
@@ -251,7 +242,7 @@ class ExponentialRho(RhoSchedule):
         ValueError: for non-positive values or `max_rho < initial_rho`.
 
     Example:
-        >>> float(ExponentialRho(1e-3, 2.0, 10, 1e-2)(25))
+        >>> round(float(ExponentialRho(1e-3, 2.0, 10, 1e-2)(25)), 6)
         0.004
 
     Reference:
@@ -259,11 +250,10 @@ class ExponentialRho(RhoSchedule):
     """
 
     def __init__(self, initial_rho=1e-3, multiplier=1.5, every_steps=100, max_rho=1e-1):
-        _check_positive("initial_rho", initial_rho)
-        _check_positive("max_rho", max_rho)
-        if isinstance(multiplier, bool) or not isinstance(multiplier, (int, float)) or multiplier < 1:
-            raise ValueError(f"multiplier must be >= 1; received multiplier={multiplier!r}")
-        _check_int("every_steps", every_steps, 1)
+        _positive("initial_rho", initial_rho)
+        _positive("max_rho", max_rho)
+        check_number("multiplier", multiplier, 1)
+        check_int("every_steps", every_steps, 1)
         if max_rho < initial_rho:
             raise ValueError(
                 f"max_rho must be >= initial_rho ({initial_rho}); received max_rho={max_rho!r}"

@@ -11,7 +11,7 @@ import json
 
 import keras
 
-from tfkdp import graph
+from tfkdp.pruning.analysis import channel_groups
 
 __all__ = ["PruningPlan"]
 
@@ -180,7 +180,7 @@ class PruningPlan(collections.abc.Mapping):
                 group, or an index outside `[0, group.size)`.
         """
         if isinstance(model_or_groups, keras.Model):
-            groups = graph.channel_groups(model_or_groups)
+            groups = channel_groups(model_or_groups)
         else:
             groups = list(model_or_groups)
         by_id = {g.id: g for g in groups}

@@ -30,137 +30,71 @@ import math
 import numpy as np
 from absl import logging
 
-from tfkdp import criteria as criteria_lib
-from tfkdp import metrics
+from tfkdp.checks import check_fraction, check_int, check_number
+from tfkdp.onednn import ONEDNN_SAFE_CHANNELS
+from tfkdp.pruning import criteria as criteria_lib
+from tfkdp.pruning.cost import CostModel, plan_macs, plan_params
+from tfkdp.pruning.masking import apply_plan
+from tfkdp.pruning.plan import PruningPlan
 
-__all__ = ["make_plan", "prune", "plan_cost", "CostModel", "ALLOCATIONS"]
+__all__ = ["make_plan", "prune", "onednn_hazards", "ALLOCATIONS"]
 
 ALLOCATIONS = ("global", "uniform")
-_MAC_KERNELS = ("kernel", "depthwise_kernel")
 
 
-def _graph():
-    from tfkdp import graph
-
-    return graph
+_ONEDNN_GUARDS = ("auto", "keep", "raise", "off")
 
 
-class CostModel:
-    """Exact MACs and parameters of the stripped model for any keep counts.
+def onednn_hazards(model, groups, onednn_guard="auto"):
+    """`(mode, {group_id: [layer paths]})`: the guard in force and the groups it covers.
 
-    Args:
-        model: a built functional model.
-        groups: its `ChannelGroup`s (computed when omitted).
+    `mode` is `"keep"`, `"raise"` or `"off"` (`"auto"` resolved with
+    `tfkdp.onednn.onednn_active()`); the dict is empty when `mode == "off"`.
+    A hazardous group narrower than 16 channels in the unpruned model cannot be
+    made safe by pruning and is logged as a warning.
 
-    Example:
-        >>> cost = CostModel(model)
-        >>> cost.macs({"stem_conv": 8}) < cost.macs({})
-        True
+    Reference:
+        uxlfoundation/oneDNN#6035.
     """
+    from tfkdp import onednn
 
-    def __init__(self, model, groups=None):
-        graph = _graph()
-        self.groups = list(groups) if groups is not None else graph.channel_groups(model)
-        self.index = {g.id: i for i, g in enumerate(self.groups)}
-        self.sizes = np.array([g.size for g in self.groups], dtype=np.int64)
-        # weight key -> {"shape", "axes": {axis: [(group index, repeat)]}}
-        weights = {}
-        for gi, group in enumerate(self.groups):
-            for ref in tuple(group.out_params) + tuple(group.in_params):
-                key = (ref.layer, ref.attr)
-                if key not in weights:
-                    shape = tuple(int(d) for d in graph.get_weight(model, ref).shape)
-                    weights[key] = {"shape": shape, "axes": {}}
-                entry = weights[key]
-                axis = int(ref.axis) % len(entry["shape"])
-                # Entries per channel on that axis: spatial positions after Flatten × depth multiplier.
-                repeat = int(getattr(ref, "repeat", 1) or 1) * int(getattr(ref, "block", 1) or 1)
-                entry["axes"].setdefault(axis, []).append((gi, repeat))
-        self._weights = weights
-        self.base_params = metrics.count_params(model)
-        self.base_macs = 0
-        # MAC terms: (macs at full width, [(weight key, axes)]); a product of kept fractions.
-        self._mac_terms = []
-        for path, macs in metrics.layer_macs(model):
-            self.base_macs += macs
-            layer = graph.get_layer(model, path)
-            if hasattr(layer, "pointwise_kernel") and hasattr(layer, "depthwise_kernel"):
-                # SeparableConv: depthwise part ∝ cin·mult·k, pointwise ∝ cin·mult·cout.
-                k = int(np.prod(layer.kernel_size))
-                cout = int(layer.pointwise_kernel.shape[-1])
-                self._mac_terms.append((macs * k / (k + cout), [(path, "depthwise_kernel")]))
-                self._mac_terms.append((macs * cout / (k + cout), [(path, "pointwise_kernel")]))
-                continue
-            attr = next((a for a in _MAC_KERNELS if hasattr(layer, a)), None)
-            self._mac_terms.append((macs, [(path, attr)] if attr else []))
-
-    def _kept_dims(self, key, pruned):
-        entry = self._weights[key]
-        dims = list(entry["shape"])
-        for axis, refs in entry["axes"].items():
-            dims[axis] -= sum(int(pruned[gi]) * rep for gi, rep in refs)
-        return entry["shape"], dims
-
-    def _pruned(self, keep):
-        pruned = np.zeros(len(self.groups), dtype=np.int64)
-        for gid, k in _keep_counts(keep).items():
-            if gid not in self.index:
-                raise ValueError(f"unknown group id {gid!r}; groups are {sorted(self.index)}")
-            pruned[self.index[gid]] = self.sizes[self.index[gid]] - k
-        return pruned
-
-    def macs_for_pruned(self, pruned):
-        total = 0.0
-        for macs, kernels in self._mac_terms:
-            factor = 1.0
-            for key in kernels:
-                if key not in self._weights:
-                    continue
-                shape, dims = self._kept_dims(key, pruned)
-                for full, kept in zip(shape, dims, strict=True):
-                    if full != kept:
-                        factor *= kept / full
-            total += macs * factor
-        return total
-
-    def params_for_pruned(self, pruned):
-        total = float(self.base_params)
-        for key in self._weights:
-            shape, dims = self._kept_dims(key, pruned)
-            total -= math.prod(shape) - math.prod(dims)
-        return total
-
-    def macs(self, keep):
-        """MACs of the stripped model that keeps `keep` (`{group_id: count or indices}`)."""
-        return int(round(self.macs_for_pruned(self._pruned(keep))))
-
-    def params(self, keep):
-        """Parameters of the stripped model that keeps `keep`."""
-        return int(round(self.params_for_pruned(self._pruned(keep))))
+    if onednn_guard not in _ONEDNN_GUARDS:
+        raise ValueError(
+            f"onednn_guard must be one of {_ONEDNN_GUARDS}; received onednn_guard={onednn_guard!r}"
+        )
+    mode = onednn_guard
+    if mode == "auto":
+        mode = "keep" if onednn.onednn_active() else "off"
+    if mode == "off":
+        return mode, {}
+    hazards = onednn.hazardous_groups(model, groups)
+    sizes = {g.id: g.size for g in groups}
+    for group_id, layers in hazards.items():
+        if sizes.get(group_id, ONEDNN_SAFE_CHANNELS) < ONEDNN_SAFE_CHANNELS:
+            logging.warning(
+                "Group %r (%d channels) feeds the strided 1x1 convolution(s) %s with fewer than %d "
+                "input channels even unpruned: oneDNN's AVX-512 kernel can corrupt memory "
+                "training it (oneDNN#6035); run with TF_ENABLE_ONEDNN_OPTS=0.",
+                group_id, sizes[group_id], layers, ONEDNN_SAFE_CHANNELS,
+            )  # fmt: skip
+    if hazards:
+        logging.info("oneDNN guard (%s) on groups %s", mode, sorted(hazards))
+    return mode, hazards
 
 
-def _keep_counts(keep):
-    if keep is None:
-        return {}
-    items = keep.items() if hasattr(keep, "items") else keep
-    return {gid: (len(v) if isinstance(v, (list, tuple, np.ndarray)) else int(v)) for gid, v in items}
-
-
-def plan_cost(model, plan, groups=None):
-    """`{"macs", "params", "macs_reduction", "params_reduction"}` of `model` stripped by `plan`."""
-    cost = CostModel(model, groups)
-    macs, params = cost.macs(plan), cost.params(plan)
-    return {
-        "macs": macs,
-        "params": params,
-        "macs_reduction": 1.0 - macs / cost.base_macs,
-        "params_reduction": 1.0 - params / cost.base_params,
-    }
-
-
-def _check_fraction(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
-        raise ValueError(f"{name} must be a number in (0, 1); received {name}={value!r}")
+def _raise_on_hazards(plan, groups, hazards):
+    sizes = {g.id: g.size for g in groups}
+    for group_id, layers in hazards.items():
+        kept = len(plan[group_id]) if group_id in plan else sizes[group_id]
+        if kept < ONEDNN_SAFE_CHANNELS <= sizes[group_id]:
+            raise ValueError(
+                f"the plan keeps {kept} channels of group {group_id!r}, which feeds the strided "
+                f"1x1 convolution {layers[0]!r}: below {ONEDNN_SAFE_CHANNELS} input channels "
+                "oneDNN's AVX-512 kernel corrupts memory in training (oneDNN#6035). Remedies: "
+                "make_plan(..., onednn_guard='keep') keeps 16 channels there, or turn oneDNN's "
+                "custom operations off (TF_ENABLE_ONEDNN_OPTS=0 before TensorFlow is imported) "
+                "and pass onednn_guard='off'"
+            )
 
 
 def _round_up(value, multiple, size):
@@ -181,6 +115,7 @@ def make_plan(
     cost_exponent=0.5,
     tolerance=0.02,
     verify=True,
+    onednn_guard="auto",
 ):
     """A `PruningPlan` that meets a MAC or parameter reduction target.
 
@@ -202,6 +137,14 @@ def make_plan(
         tolerance: allowed relative deviation of the stripped model's MACs
             (or params) from the target's, e.g. 0.02 = 2 %.
         verify: check the analytic count against the stripped model.
+        onednn_guard: what to do about groups that feed a strided 1×1
+            convolution (`tfkdp.onednn.hazardous_groups`), which oneDNN's
+            AVX-512 kernel corrupts memory on below 16 input channels:
+            `"keep"` keeps at least 16 channels on them, `"raise"` raises a
+            `ValueError` naming the layer when the plan would leave fewer,
+            `"off"` does nothing, `"auto"` (default) is `"keep"` when oneDNN's
+            custom operations are active on an AVX-512 CPU
+            (`tfkdp.onednn.onednn_active()`) and `"off"` otherwise.
 
     Returns:
         A `PruningPlan`; groups it does not name keep all their channels.
@@ -212,9 +155,10 @@ def make_plan(
             `tolerance` with this `round_to`.
 
     Example:
-        >>> plan = make_plan(model, target_macs_reduction=0.5, criterion="l1", round_to=4)
+        >>> plan = make_plan(model, target_macs_reduction=0.5, criterion="l1", round_to=2)
+        >>> round(1 - tfkdp.plan_macs(model, plan) / tfkdp.count_macs(model), 1)
+        0.5
     """
-    from tfkdp.plan import PruningPlan
 
     if (target_macs_reduction is None) == (target_params_reduction is None):
         raise ValueError(
@@ -224,15 +168,13 @@ def make_plan(
         )
     kind = "macs" if target_macs_reduction is not None else "params"
     target_reduction = target_macs_reduction if kind == "macs" else target_params_reduction
-    _check_fraction(f"target_{kind}_reduction", target_reduction)
+    check_fraction(f"target_{kind}_reduction", target_reduction)
     if allocation not in ALLOCATIONS:
         raise ValueError(f"allocation must be one of {ALLOCATIONS}; received allocation={allocation!r}")
-    for name, value in (("min_channels", min_channels), ("round_to", round_to)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1; received {name}={value!r}")
-    if isinstance(cost_exponent, bool) or not isinstance(cost_exponent, (int, float)) or cost_exponent < 0:
-        raise ValueError(f"cost_exponent must be a number >= 0; received cost_exponent={cost_exponent!r}")
-    _check_fraction("tolerance", tolerance)
+    check_int("min_channels", min_channels, 1)
+    check_int("round_to", round_to, 1)
+    check_number("cost_exponent", cost_exponent, 0)
+    check_fraction("tolerance", tolerance)
 
     cost = CostModel(model, groups)
     evaluate = cost.macs_for_pruned if kind == "macs" else cost.params_for_pruned
@@ -243,6 +185,12 @@ def make_plan(
     floors = np.array(
         [_round_up(max(min_channels, 1), round_to, int(g.size)) for g in cost.groups], dtype=np.int64
     )
+    mode, hazards = onednn_hazards(model, cost.groups, onednn_guard)
+    if mode == "keep":
+        for i, group in enumerate(cost.groups):
+            if group.id in hazards:
+                safe = _round_up(min(ONEDNN_SAFE_CHANNELS, group.size), round_to, int(group.size))
+                floors[i] = max(floors[i], safe)
     max_pruned = np.zeros(len(cost.groups), dtype=np.int64)
     for i in prunable:
         max_pruned[i] = cost.sizes[i] - floors[i]
@@ -285,6 +233,8 @@ def make_plan(
         if pruned[i] > 0:
             keep[cost.groups[i].id] = sorted(int(c) for c in order[i][pruned[i]:])
     plan = PruningPlan(keep)
+    if mode == "raise":
+        _raise_on_hazards(plan, cost.groups, hazards)
     if verify:
         _verify(model, plan, kind, achieved)
     logging.info(
@@ -387,9 +337,7 @@ def _refine(cost, evaluate, pruned, max_pruned, target, tolerance, round_to):
 
 
 def _verify(model, plan, kind, achieved):
-    from tfkdp import surgery
-
-    exact = surgery.plan_macs(model, plan) if kind == "macs" else surgery.plan_params(model, plan)
+    exact = plan_macs(model, plan) if kind == "macs" else plan_params(model, plan)
     if abs(exact - achieved) > 1e-6 * max(exact, 1) + 0.5:
         raise RuntimeError(
             f"internal cost model disagrees with the stripped model: {kind} {achieved:.0f} vs "
@@ -406,9 +354,7 @@ def prune(model, target_macs_reduction=None, **kwargs):
         **kwargs: forwarded to `make_plan`.
 
     Returns:
-        `(masked_model, plan)`; strip it later with `tfkdp.surgery.strip_channels`.
+        `(masked_model, plan)`; strip it later with `tfkdp.strip_channels`.
     """
-    from tfkdp.masking import apply_plan
-
     plan = make_plan(model, target_macs_reduction=target_macs_reduction, **kwargs)
     return apply_plan(model, plan), plan

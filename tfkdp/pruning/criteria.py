@@ -31,6 +31,9 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from tfkdp.checks import check_int
+from tfkdp.pruning.analysis import get_weight
+
 __all__ = [
     "Criterion",
     "L1",
@@ -48,14 +51,6 @@ __all__ = [
 _KERNEL_ATTRS = ("kernel", "depthwise_kernel", "pointwise_kernel")
 
 
-def _graph():
-    # Imported lazily: graph.py depends on nothing here, and keeping the import
-    # local keeps criteria importable for pure-array use.
-    from tfkdp import graph
-
-    return graph
-
-
 def channel_indices(ref, size):
     """Positions on `ref.axis` owned by each of the group's `size` channels.
 
@@ -71,7 +66,7 @@ def channel_matrix(value, ref, size):
 
     Args:
         value: the weight as an array-like.
-        ref: a `tfkdp.graph.ParamRef` (its `axis` and `indices`).
+        ref: a `tfkdp.ParamRef` (its `axis` and `indices`).
         size: number of channels of the group.
 
     Returns:
@@ -85,7 +80,7 @@ def channel_matrix(value, ref, size):
 
 
 def _weight(model, ref):
-    return _graph().get_weight(model, ref)
+    return get_weight(model, ref)
 
 
 def _refs(group, attrs=None, trainable_only=False, model=None):
@@ -250,7 +245,7 @@ class Random(Criterion):
     name = "random"
 
     def __init__(self, seed=0):
-        if isinstance(seed, bool) or not isinstance(seed, int):
+        if isinstance(seed, bool) or not isinstance(seed, int):  # any integer, negative too
             raise ValueError(f"seed must be an integer; received seed={seed!r}")
         self.seed = seed
 
@@ -292,10 +287,8 @@ class Taylor(Criterion):
     requires_data = True
 
     def __init__(self, loss=None, num_batches=16, batch_size=64):
-        if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
-            raise ValueError(f"num_batches must be an integer >= 1; received num_batches={num_batches!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1; received batch_size={batch_size!r}")
+        check_int("num_batches", num_batches, 1)
+        check_int("batch_size", batch_size, 1)
         self.loss = loss
         self.num_batches = num_batches
         self.batch_size = batch_size

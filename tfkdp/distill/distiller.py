@@ -12,6 +12,11 @@ Differences from `keras.distillation.Distiller`, whose signature it follows:
 - The teacher may be a path (`.keras`/`.h5`, or a SavedModel directory).
 - Training state round-trips through `.weights.h5` (`save_training_state` /
   `load_training_state`, or `keras.callbacks.BackupAndRestore`).
+
+Why one module of ~700 lines: it is one class, a `keras.Model` whose
+construction checks, train/test steps, per-term API, state and config belong
+together; teacher loading lives in `tfkdp.distill.teacher` and the losses in
+`tfkdp.distill.losses`.
 """
 
 import copy
@@ -25,88 +30,13 @@ import tensorflow as tf
 from absl import logging
 from keras import ops
 
-from tfkdp import losses as losses_lib
-from tfkdp import runtime
+from tfkdp.distill import losses as losses_lib
+from tfkdp.distill.teacher import load_teacher
+from tfkdp.train import runtime
 
 __all__ = ["Distiller", "load_teacher"]
 
 _FINAL = "final_output"
-_SAVEDMODEL_ENDPOINTS = ("serve", "serving_default")
-
-
-def load_teacher(teacher, input_shape=None, input_dtype="float32"):
-    """Returns a teacher `keras.Model` from a model or a path.
-
-    Args:
-        teacher: a `keras.Model`; a `.keras` or `.h5` file (loaded with
-            `keras.saving.load_model(compile=False)`); or a SavedModel directory,
-            wrapped in `keras.layers.TFSMLayer` (inference only; no intermediate
-            layers, so only logit losses can use it).
-        input_shape: input shape without the batch axis; needed for a SavedModel.
-        input_dtype: input dtype for a SavedModel teacher.
-
-    Returns:
-        A `keras.Model`.
-
-    Raises:
-        FileNotFoundError: if the path does not exist.
-        ValueError: for any other type, an unsupported file, or a SavedModel with
-            no usable endpoint or more than one output.
-    """
-    if isinstance(teacher, keras.Model):
-        return teacher
-    if not isinstance(teacher, (str, os.PathLike)):
-        raise ValueError(
-            "teacher must be a keras.Model or a path to a .keras/.h5 file or a SavedModel "
-            f"directory; received {teacher!r} of type {type(teacher).__name__}"
-        )
-    path = os.fspath(teacher)
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"Teacher path {path!r} does not exist; expected a .keras/.h5 file or a "
-            "SavedModel directory"
-        )
-    if os.path.isfile(path) and path.endswith((".keras", ".h5")):
-        model = keras.saving.load_model(path, compile=False)
-        if not isinstance(model, keras.Model):
-            raise ValueError(f"Teacher file {path!r} holds a {type(model).__name__}, not a Model")
-        return model
-    if os.path.isdir(path) and os.path.exists(os.path.join(path, "saved_model.pb")):
-        if input_shape is None:
-            raise ValueError(
-                f"A SavedModel teacher ({path!r}) needs the student's input shape; the "
-                "student must be a built Functional or Sequential model"
-            )
-        layer, last_error = None, None
-        for endpoint in _SAVEDMODEL_ENDPOINTS:
-            try:
-                layer = keras.layers.TFSMLayer(
-                    path, call_endpoint=endpoint, trainable=False, name="teacher_savedmodel"
-                )
-                break
-            except ValueError as error:
-                last_error = error
-        if layer is None:
-            raise ValueError(
-                f"SavedModel {path!r} has none of the endpoints {_SAVEDMODEL_ENDPOINTS}: "
-                f"{last_error}"
-            )
-        inputs = keras.Input(shape=tuple(input_shape), dtype=input_dtype, name="teacher_input")
-        outputs = layer(inputs)
-        flat = keras.tree.flatten(outputs)
-        if len(flat) != 1:
-            keys = sorted(outputs) if isinstance(outputs, dict) else len(flat)
-            raise ValueError(
-                f"A SavedModel teacher must have a single output (the logits); {path!r} "
-                f"returns {keys}"
-            )
-        return keras.Model(inputs, flat[0], name="teacher")
-    raise ValueError(
-        f"Teacher path {path!r} is neither a .keras/.h5 file nor a SavedModel directory "
-        "(a folder with saved_model.pb)"
-    )
-
-
 def _check_weight(name, value):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be a number >= 0; received {name}={value!r}")
@@ -181,9 +111,10 @@ class Distiller(keras.Model):
 
     Teacher features for feature losses come from one multi-output model built
     at construction; the student's features and logits come from a single
-    forward pass. The teacher is frozen at construction (`teacher.trainable =
-    False`, which changes the object passed in) and always called with
-    `training=False`. `distiller(x)` returns `student(x)`; `predict` predicts
+    forward pass. The teachers are frozen without being changed: the distiller
+    does not track them, so their variables are neither trained nor saved with
+    the distiller, and the models passed in keep their `trainable` flag. They
+    are always called with `training=False`. `distiller(x)` returns `student(x)`; `predict` predicts
     with the student.
 
     Metrics (History, TensorBoard): `loss`; the compiled student metrics;
@@ -195,7 +126,8 @@ class Distiller(keras.Model):
 
     Args:
         teacher: a trained `keras.Model`, or a path: `.keras`/`.h5`, or a
-            SavedModel directory (inference-only `TFSMLayer`; logit losses only).
+            SavedModel directory (inference-only `TFSMLayer`; logit losses
+            only); or a list of them (several teachers, see `loss_teachers`).
         student: the `keras.Model` to train (Functional/Sequential when feature
             losses are used). Saved alone with `distiller.student.save(...)`.
         distillation_losses: a `keras.distillation.DistillationLoss`, a name
@@ -215,6 +147,13 @@ class Distiller(keras.Model):
             Layer's variables are tracked and checkpointed; a plain object's
             `variables` attribute, if any, is tracked.
         sparsity_weight: weight of the sparsity term, >= 0. Defaults to 1.0.
+        loss_teachers: with several teachers (`teacher` a list), the teacher
+            index of each distillation loss; `None` pairs loss `i` with
+            teacher `i` when their counts match (one teacher: all losses).
+        allow_shared_variables: allow a teacher that shares variables with
+            the student (teaching assistants that share the student's
+            kernels); the shared variables are trained through the student
+            and the teacher's outputs are never differentiated.
         name: model name.
         **kwargs: passed to `keras.Model`.
 
@@ -226,8 +165,8 @@ class Distiller(keras.Model):
         FileNotFoundError: for a teacher path that does not exist.
 
     Example:
-        >>> teacher = tfkdp.models.resnet_cifar(32)   # trained
-        >>> student = tfkdp.models.resnet_cifar(8)
+        >>> teacher = tfkdp.models.resnet_cifar(14, input_shape=(12, 12, 1), num_classes=3)  # trained
+        >>> student = tfkdp.models.resnet_cifar(8, input_shape=(12, 12, 1), num_classes=3)
         >>> distiller = tfkdp.Distiller(
         ...     teacher, student,
         ...     distillation_losses=[tfkdp.losses.SoftTargetKD(4.0),
@@ -238,8 +177,8 @@ class Distiller(keras.Model):
         ...     optimizer="adam",
         ...     loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         ...     metrics=["accuracy"])
-        >>> distiller.fit(train_ds, validation_data=val_ds, epochs=10)
-        >>> distiller.student.save("student.keras")
+        >>> history = distiller.fit(train_ds, validation_data=val_ds, epochs=2, verbose=0)
+        >>> distiller.student.save(tmp + "/student.keras")
 
     Reference:
         Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network",
@@ -255,6 +194,8 @@ class Distiller(keras.Model):
         student_loss_weight=0.5,
         sparsity=None,
         sparsity_weight=1.0,
+        loss_teachers=None,
+        allow_shared_variables=False,
         name="distiller",
         **kwargs,
     ):
@@ -269,8 +210,15 @@ class Distiller(keras.Model):
         if student_inputs and len(student_inputs) == 1:
             input_shape = tuple(student_inputs[0].shape[1:])
             input_dtype = student_inputs[0].dtype
-        teacher = load_teacher(teacher, input_shape=input_shape, input_dtype=input_dtype or "float32")
-        self._validate_pair(teacher, student)
+        several = isinstance(teacher, (list, tuple))
+        if several and not teacher:
+            raise ValueError("teacher must be a model, a path or a non-empty list of them")
+        teachers = [
+            load_teacher(t, input_shape=input_shape, input_dtype=input_dtype or "float32")
+            for t in (teacher if several else [teacher])
+        ]  # fmt: skip
+        for t in teachers:
+            self._validate_pair(t, student, allow_shared_variables)
 
         student_loss_weight = _check_weight("student_loss_weight", student_loss_weight)
         sparsity_weight = _check_weight("sparsity_weight", sparsity_weight)
@@ -278,42 +226,46 @@ class Distiller(keras.Model):
         weights = self._standardize_loss_weights(
             distillation_loss_weights, len(loss_objects), student_loss_weight
         )
+        loss_teachers = self._standardize_loss_teachers(loss_teachers, len(loss_objects), len(teachers))
         if sparsity is not None and not callable(sparsity):
             raise ValueError(
                 "sparsity must be None or a callable object returning a scalar penalty; "
                 f"received {sparsity!r} of type {type(sparsity).__name__}"
             )
 
-        for loss in loss_objects:
-            loss.validate_model_compatibility(teacher, student)
+        for loss, j in zip(loss_objects, loss_teachers, strict=True):
+            loss.validate_model_compatibility(teachers[j], student)
 
-        teacher_names, student_names = [], []
+        teacher_names = [[] for _ in teachers]
+        student_names = []
         self._feature_keys = []
-        for loss in loss_objects:
+        for loss, j in zip(loss_objects, loss_teachers, strict=True):
             t_names, t_list = _layer_names(loss, "teacher")
             s_names, s_list = _layer_names(loss, "student")
-            teacher_names += [n for n in t_names if n not in teacher_names]
+            teacher_names[j] += [n for n in t_names if n not in teacher_names[j]]
             student_names += [n for n in s_names if n not in student_names]
             self._feature_keys.append(
-                (t_names if t_list else (t_names[0] if t_names else _FINAL),
+                (j, t_names if t_list else (t_names[0] if t_names else _FINAL),
                  s_names if s_list else (s_names[0] if s_names else _FINAL))
             )  # fmt: skip
         self._loss_kwargs = [_accepted_kwargs(loss) for loss in loss_objects]
+        self.loss_teachers = loss_teachers
+        self._allow_shared = bool(allow_shared_variables)
 
-        was_trainable = teacher.trainable
-        teacher.trainable = False
-        try:
-            self.teacher = teacher
-            self.student = student
-            self.teacher_features = _feature_extractor(teacher, teacher_names, "teacher")
-            self.student_features = _feature_extractor(student, student_names, "student")
-            self.distillation_losses = loss_objects
-            # Connectors are trained with the student and saved in the training state.
-            self.connectors = [c for loss in loss_objects for c in getattr(loss, "connectors", ())]
-            self._validate_symbolic_outputs()
-        except ValueError:
-            teacher.trainable = was_trainable  # a failed construction leaves the teacher as it was
-            raise
+        # The teachers are frozen by not being tracked: their variables are neither
+        # trainable nor saved by the distiller, and the caller's models are left as
+        # they are (`trainable` untouched). Variables a teacher shares with the student
+        # (teaching assistants) are tracked, and trained, through the student.
+        object.__setattr__(self, "teachers", teachers)
+        object.__setattr__(self, "teacher_features_list", [
+            _feature_extractor(t, names, "teacher") for t, names in zip(teachers, teacher_names, strict=True)
+        ])  # fmt: skip
+        self.student = student
+        self.student_features = _feature_extractor(student, student_names, "student")
+        self.distillation_losses = loss_objects
+        # Connectors are trained with the student and saved in the training state.
+        self.connectors = [c for loss in loss_objects for c in getattr(loss, "connectors", ())]
+        self._validate_symbolic_outputs()
 
         # Weights live in variables so that callbacks/controllers may assign them between
         # steps; "only_first_replica" lets in-step (replica context) updates work too.
@@ -343,26 +295,38 @@ class Distiller(keras.Model):
         ]
         self.sparsity_loss_tracker = keras.metrics.Mean(name="sparsity_loss")
         self.regularization_loss_tracker = keras.metrics.Mean(name="regularization_loss")
-        if teacher.built and student.built:
+        if all(t.built for t in teachers) and student.built:
             self.built = True
+
+    @property
+    def teacher(self):
+        """The (first) teacher model, as passed (not modified by the distiller)."""
+        return self.teachers[0]
+
+    @property
+    def teacher_features(self):
+        """The first teacher's feature extractor (None when no feature loss uses it)."""
+        return self.teacher_features_list[0]
 
     # ----------------------------------------------------------------- validation
 
     @staticmethod
-    def _validate_pair(teacher, student):
+    def _validate_pair(teacher, student, allow_shared_variables=False):
         if teacher is student:
             raise ValueError(
-                f"teacher and student are the same model ({student.name!r}); freezing the "
-                "teacher would freeze the student. Pass a separate student (e.g. "
+                f"teacher and student are the same model ({student.name!r}); distilling a "
+                "model into itself teaches nothing. Pass a separate student (e.g. "
                 "keras.models.clone_model(teacher))"
             )
         student_ids = {id(v) for v in student.weights}
         shared = [v.path for v in teacher.weights if id(v) in student_ids]
-        if shared:
+        if shared and not allow_shared_variables:
             raise ValueError(
                 f"teacher {teacher.name!r} and student {student.name!r} share {len(shared)} "
-                f"variables (e.g. {shared[:3]}); freezing the teacher would freeze them in the "
-                "student too. Clone the student (keras.models.clone_model)"
+                f"variables (e.g. {shared[:3]}); training the student would move the teacher "
+                "too. Clone the student (keras.models.clone_model), or pass "
+                "allow_shared_variables=True when that is the point (teaching assistants "
+                "that share the student's kernels)"
             )
         t_inputs = getattr(teacher, "inputs", None)
         s_inputs = getattr(student, "inputs", None)
@@ -376,6 +340,30 @@ class Distiller(keras.Model):
                     "teacher and student must take the same inputs: teacher input shapes "
                     f"{t_shapes}, student input shapes {s_shapes}"
                 )
+
+    @staticmethod
+    def _standardize_loss_teachers(loss_teachers, count, num_teachers):
+        if loss_teachers is None:
+            if num_teachers == 1:
+                return [0] * count
+            if num_teachers == count:
+                return list(range(count))
+            raise ValueError(
+                f"{num_teachers} teachers and {count} distillation losses: pass loss_teachers, "
+                "the teacher index of each loss"
+            )
+        if not isinstance(loss_teachers, (list, tuple)) or len(loss_teachers) != count:
+            raise ValueError(
+                f"loss_teachers must be a list of {count} teacher indices (one per distillation "
+                f"loss); received loss_teachers={loss_teachers!r}"
+            )
+        for i, j in enumerate(loss_teachers):
+            if isinstance(j, bool) or not isinstance(j, int) or not 0 <= j < num_teachers:
+                raise ValueError(
+                    f"loss_teachers[{i}] must be a teacher index in [0, {num_teachers}); "
+                    f"received {j!r}"
+                )
+        return list(loss_teachers)
 
     @staticmethod
     def _standardize_losses(distillation_losses):
@@ -411,12 +399,16 @@ class Distiller(keras.Model):
 
     def _validate_symbolic_outputs(self):
         """Runs each loss' `validate_outputs` on symbolic features once, not per step."""
-        t_feats = self._symbolic_features(self.teacher, self.teacher_features)
+        t_feats = [
+            self._symbolic_features(t, f)
+            for t, f in zip(self.teachers, self.teacher_features_list, strict=True)
+        ]  # fmt: skip
         s_feats = self._symbolic_features(self.student, self.student_features)
-        if t_feats is None or s_feats is None:
+        if s_feats is None:
             return
-        for loss, (t_key, s_key) in zip(self.distillation_losses, self._feature_keys, strict=True):
-            loss.validate_outputs(_select(t_feats, t_key), _select(s_feats, s_key))
+        for loss, (j, t_key, s_key) in zip(self.distillation_losses, self._feature_keys, strict=True):
+            if t_feats[j] is not None:
+                loss.validate_outputs(_select(t_feats[j], t_key), _select(s_feats, s_key))
 
     @staticmethod
     def _symbolic_features(model, extractor):
@@ -440,7 +432,7 @@ class Distiller(keras.Model):
                 distillation).
             metrics: student metrics, as in `keras.Model.compile`.
             jit_compile: `"auto"` (XLA on GPU only, see
-                `tfkdp.runtime.default_jit_compile`), `True` or `False`.
+                `tfkdp.train.runtime.default_jit_compile`), `True` or `False`.
             **kwargs: passed to `keras.Model.compile` (`steps_per_execution`,
                 `weighted_metrics`, `loss_weights`, `run_eagerly`, ...).
 
@@ -476,10 +468,17 @@ class Distiller(keras.Model):
             if y_pred is None:
                 y_pred = self.student(x, training=training)
             s_feats = {_FINAL: y_pred}
-        if self.teacher_features is not None:
-            t_feats = self.teacher_features(x, training=False)
-        else:
-            t_feats = {_FINAL: self.teacher(x, training=False)}
+        t_feats = []
+        used = set(self.loss_teachers)
+        for j, (teacher, extractor) in enumerate(
+            zip(self.teachers, self.teacher_features_list, strict=True)
+        ):
+            if j not in used:
+                t_feats.append(None)
+            elif extractor is not None:
+                t_feats.append(extractor(x, training=False))
+            else:
+                t_feats.append({_FINAL: teacher(x, training=False)})
         t_feats = keras.tree.map_structure(ops.stop_gradient, t_feats)
         return y_pred, s_feats, t_feats
 
@@ -496,13 +495,13 @@ class Distiller(keras.Model):
         terms = []
         weighted_sum = zero
         for i, loss in enumerate(self.distillation_losses):
-            t_key, s_key = self._feature_keys[i]
+            j, t_key, s_key = self._feature_keys[i]
             kwargs = {}
             if "y_true" in self._loss_kwargs[i]:
                 kwargs["y_true"] = y
             if "sample_weight" in self._loss_kwargs[i]:
                 kwargs["sample_weight"] = sample_weight
-            value = loss.compute_loss(_select(t_feats, t_key), _select(s_feats, s_key), **kwargs)
+            value = loss.compute_loss(_select(t_feats[j], t_key), _select(s_feats, s_key), **kwargs)
             value = ops.cast(value, "float32")
             if len(value.shape) != 0:
                 raise ValueError(
@@ -542,6 +541,47 @@ class Distiller(keras.Model):
         y_pred, s_feats, t_feats = self._forward(x, training, y_pred=y_pred)
         total, _ = self._objective(x, y, y_pred, s_feats, t_feats, sample_weight)
         return total / float(_replicas())
+
+    def compute_terms(self, x, y=None, sample_weight=None, training=False):
+        """Every term of the objective for one batch, unweighted, for a controller.
+
+        A controller (a meta-learned dean, a loss-weight schedule) takes the
+        terms and, under its own `tf.GradientTape`, their gradients with
+        respect to any variables; the weights it sets live in
+        `student_loss_weight`, `distillation_loss_weights` and
+        `sparsity_weight`.
+
+        Args:
+            x: a batch of inputs.
+            y: its labels, or None (the task term is then 0).
+            sample_weight: optional per-sample weights.
+            training: the mode the student runs in (the teachers always run
+                with `training=False`).
+
+        Returns:
+            A dict of float32 scalars: `task` (the compiled loss),
+            `distill_<i>` (distillation loss `i`), `sparsity`,
+            `regularization` (`sum(student.losses)`), and `total` (the
+            weighted objective, global units). Call `compile` first when `y`
+            is given.
+
+        Example:
+            >>> distiller = tfkdp.Distiller(teacher, student)
+            >>> with tf.GradientTape() as tape:
+            ...     terms = distiller.compute_terms(x, y)
+            >>> grads = tape.gradient(terms["distill_0"], student.trainable_variables)
+            >>> sorted(terms)
+            ['distill_0', 'regularization', 'sparsity', 'task', 'total']
+        """
+        y_pred, s_feats, t_feats = self._forward(x, training)
+        total, parts = self._objective(x, y, y_pred, s_feats, t_feats, sample_weight)
+        terms = {"task": parts["task"]}
+        for i, value in enumerate(parts["terms"]):
+            terms[f"distill_{i}"] = value
+        terms["sparsity"] = parts["sparsity"]
+        terms["regularization"] = parts["regularization"]
+        terms["total"] = total
+        return terms
 
     def _update_trackers(self, x, total, parts):
         batch = ops.shape(keras.tree.flatten(x)[0])[0]
@@ -601,7 +641,7 @@ class Distiller(keras.Model):
     def save_training_state(self, filepath):
         """Writes student, connectors, optimizer, loss weights and sparsity state.
 
-        The file is a Keras `.weights.h5` (the teacher's weights are in it too);
+        The file is a Keras `.weights.h5` (the teachers are not in it: they are not trained);
         it is written to a temporary file in the same folder and then moved into
         place, so an interrupted save never leaves a half-written file.
         `keras.callbacks.BackupAndRestore` works with the Distiller as well.
@@ -649,9 +689,10 @@ class Distiller(keras.Model):
                 f"Distiller.get_config: the sparsity object of type "
                 f"{type(self.sparsity).__name__} has no get_config"
             )
+        teachers = [keras.saving.serialize_keras_object(t) for t in self.teachers]
         config = {
             "name": self.name,
-            "teacher": keras.saving.serialize_keras_object(self.teacher),
+            "teacher": teachers[0] if len(teachers) == 1 else teachers,
             "student": keras.saving.serialize_keras_object(self.student),
             "distillation_losses": [
                 keras.saving.serialize_keras_object(loss) for loss in self.distillation_losses
@@ -665,15 +706,28 @@ class Distiller(keras.Model):
                 else keras.saving.serialize_keras_object(self.sparsity)
             ),
             "sparsity_weight": float(ops.convert_to_numpy(self.sparsity_weight)),
+            "loss_teachers": list(self.loss_teachers),
+            "allow_shared_variables": self._allow_shared,
         }  # fmt: skip
         return config
 
     @classmethod
     def from_config(cls, config):
         config = copy.deepcopy(config)  # deserialization edits nested configs in place
-        for key in ("teacher", "student", "sparsity"):
-            if config.get(key) is not None:
-                config[key] = keras.saving.deserialize_keras_object(config[key])
+        teacher = config["teacher"]
+        if isinstance(teacher, list):
+            config["teacher"] = [keras.saving.deserialize_keras_object(t) for t in teacher]
+        else:
+            config["teacher"] = keras.saving.deserialize_keras_object(teacher)
+        config["student"] = keras.saving.deserialize_keras_object(config["student"])
+        sparsity = config.get("sparsity")
+        if sparsity is not None:
+            # A term built on the student (ADMM) is re-created on the new student.
+            cls_ = keras.saving.get_registered_object(sparsity.get("registered_name"))
+            if cls_ is not None and hasattr(cls_, "from_student_config"):
+                config["sparsity"] = cls_.from_student_config(config["student"], sparsity["config"])
+            else:
+                config["sparsity"] = keras.saving.deserialize_keras_object(sparsity)
         config["distillation_losses"] = [
             keras.saving.deserialize_keras_object(loss) for loss in config["distillation_losses"]
         ]

@@ -32,15 +32,13 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tfkdp import criteria, schedules
+from tfkdp.checks import check_int
+from tfkdp.pruning import criteria
+from tfkdp.pruning.analysis import channel_groups, get_weight
+from tfkdp.pruning.plan import PruningPlan
+from tfkdp.pruning.sparsity import schedules
 
 __all__ = ["ADMM", "project_channels"]
-
-
-def _graph():
-    from tfkdp import graph
-
-    return graph
 
 
 def project_channels(values, axes, repeats, k):
@@ -104,6 +102,7 @@ class _Slot:
         return tf.gather(value, self.indices, axis=self.axis)
 
 
+@keras.saving.register_keras_serializable(package="tfkdp")
 class ADMM(keras.layers.Layer):
     """ADMM channel-sparsity state and penalty, the `Distiller`'s `sparsity` term.
 
@@ -125,11 +124,12 @@ class ADMM(keras.layers.Layer):
             `PruningPlan` (its kept counts are used, not its indices: ADMM
             picks the channels). Groups not listed are not regularised.
         sparsity_schedule: `schedule(step) -> (should_prune, sparsity)`
-            (tfmot's protocol; `tfkdp.schedules` or tfmot's own). Only the
-            sparsity is used: Z/U must track W at every update, so the cadence
-            is `update_every`.
+            (tfmot's protocol; `tfkdp.pruning.sparsity.schedules` or tfmot's own).
+            Its sparsity takes effect at the steps where `should_prune` is
+            true and holds in between, as in tfmot; Z/U are re-projected every
+            `update_every` steps at the sparsity in force.
         rho: ρ as a positive number or a callable `step -> rho`
-            (`tfkdp.schedules.ExponentialRho` ramps it). When ρ changes, U is
+            (`tfkdp.pruning.sparsity.schedules.ExponentialRho` ramps it). When ρ changes, U is
             rescaled by ρ_old/ρ_new (U is the dual divided by ρ).
         update_every: optimizer steps between Z/U updates (>= 1).
         groups: the model's `ChannelGroup`s (computed when omitted).
@@ -140,8 +140,10 @@ class ADMM(keras.layers.Layer):
             [1, size], `update_every` < 1, or a bad ρ / schedule.
 
     Example:
-        >>> admm = ADMM(student, {"stage1_block1_conv1": 8}, rho=1e-3, update_every=4)
-        >>> distiller = tfkdp.Distiller(teacher, student, sparsity=admm)  # doctest: +SKIP
+        >>> admm = ADMM(student, {"stage1_block1_conv1": 4}, rho=1e-3, update_every=4)
+        >>> distiller = tfkdp.Distiller(teacher, student, sparsity=admm)
+        >>> admm.group_ids
+        ['stage1_block1_conv1']
 
     Reference:
         Liu et al., DDSL (KDP), IEEE TPAMI 2023; Zhang et al., ECCV 2018.
@@ -159,11 +161,9 @@ class ADMM(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(name=name, **kwargs)
-        if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
-            raise ValueError(f"update_every must be an integer >= 1; received update_every={update_every!r}")
-        graph = _graph()
+        check_int("update_every", update_every, 1)
         if groups is None:
-            groups = graph.channel_groups(model)
+            groups = channel_groups(model)
         by_id = {g.id: g for g in groups}
         keep = _keep_counts(keep)
         self._model_name = model.name
@@ -188,7 +188,7 @@ class ADMM(keras.layers.Layer):
                 continue
             slots = []
             for ref in group.out_params:
-                var = graph.get_weight(model, ref)
+                var = get_weight(model, ref)
                 if not var.trainable:
                     continue  # BN moving statistics follow the kept channels by themselves
                 axis = int(ref.axis) % len(var.shape)
@@ -218,6 +218,11 @@ class ADMM(keras.layers.Layer):
         self.rho = self.add_weight(
             shape=(), initializer="zeros", trainable=False, name="rho", aggregation=agg
         )
+        # The sparsity in force: the schedule's value at its last `should_prune` step
+        # (tfmot's protocol: between pruning steps the sparsity does not move).
+        self.sparsity = self.add_weight(
+            shape=(), initializer="zeros", trainable=False, name="sparsity", aggregation=agg
+        )
         self._masks = []
         for gi, (group, _, slots) in enumerate(self._groups):
             self._masks.append(
@@ -236,6 +241,34 @@ class ADMM(keras.layers.Layer):
                 )
         self.built = True
         self.reset()
+
+    # ------------------------------------------------------------------ config
+    def get_config(self):
+        """Keep counts, schedules and cadence; not the model (see `from_student_config`).
+
+        Z, U, ρ and the step are state: they travel with the weights.
+        """
+        return {
+            "keep": {gid: int(k) for gid, k in self.keep_counts().items()},
+            "sparsity_schedule": keras.saving.serialize_keras_object(self.sparsity_schedule),
+            "rho": keras.saving.serialize_keras_object(self.rho_schedule),
+            "update_every": self.update_every,
+            "name": self.name,
+        }
+
+    @classmethod
+    def from_student_config(cls, model, config):
+        """Re-creates the ADMM term of `get_config` on `model` (e.g. a deserialized student)."""
+        config = dict(config)
+        for key in ("sparsity_schedule", "rho"):
+            config[key] = keras.saving.deserialize_keras_object(config[key])
+        return cls(model, **config)
+
+    @classmethod
+    def from_config(cls, config):
+        raise ValueError(
+            "ADMM regularises a model: re-create it with ADMM.from_student_config(model, config)"
+        )
 
     # ------------------------------------------------------------------ state
     @property
@@ -268,6 +301,7 @@ class ADMM(keras.layers.Layer):
                 slot.u.assign(tf.zeros_like(slot.u))
         self.step.assign(tf.constant(step, tf.int64))
         self.rho.assign(tf.cast(self.rho_schedule(tf.constant(step, tf.int64)), tf.float32))
+        self.sparsity.assign(0.0)
         self._update(tf.constant(step, tf.int64))
 
     # --------------------------------------------------------------- training
@@ -315,9 +349,24 @@ class ADMM(keras.layers.Layer):
 
         return tf.cond(due, update, lambda: tf.constant(False))
 
-    def current_keep(self, step):
-        """Kept channels of each regularised group at `step` (int32 tensors)."""
-        _, sparsity = self.sparsity_schedule(tf.cast(step, tf.int64))
+    def _advance_sparsity(self, step):
+        """Takes the schedule's sparsity at `step` if its `should_prune` says so."""
+        should_prune, sparsity = self.sparsity_schedule(tf.cast(step, tf.int64))
+        self.sparsity.assign(
+            tf.where(should_prune, tf.cast(sparsity, tf.float32), self.sparsity.value)
+        )
+
+    def current_keep(self, step=None):
+        """Kept channels of each regularised group (int32 tensors).
+
+        Args:
+            step: `None` for the sparsity in force (set at the schedule's last
+                `should_prune` step), or a step to read the schedule at.
+        """
+        if step is None:
+            sparsity = self.sparsity.value
+        else:
+            _, sparsity = self.sparsity_schedule(tf.cast(step, tf.int64))
         if self.target_sparsity > 0:
             progress = tf.clip_by_value(tf.cast(sparsity, tf.float32) / self.target_sparsity, 0.0, 1.0)
         else:
@@ -332,9 +381,11 @@ class ADMM(keras.layers.Layer):
         rho_new = tf.cast(self.rho_schedule(step), tf.float32)
         scale = self.rho.value / rho_new
         self.rho.assign(rho_new)
-        keeps = (
-            [tf.constant(k, tf.int32) for _, k, _ in self._groups] if final else self.current_keep(step)
-        )
+        if final:
+            keeps = [tf.constant(k, tf.int32) for _, k, _ in self._groups]
+        else:
+            self._advance_sparsity(step)
+            keeps = self.current_keep()
         for (_, _, slots), mask_var, k in zip(self._groups, self._masks, keeps, strict=True):
             values = [tf.cast(s.read(), tf.float32) + s.u.value * scale for s in slots]
             projected, mask = project_channels(
@@ -354,10 +405,8 @@ class ADMM(keras.layers.Layer):
         first, so the plan always has exactly `keep[g]` channels per group.
 
         Returns:
-            A `tfkdp.plan.PruningPlan`.
+            A `tfkdp.PruningPlan`.
         """
-        from tfkdp.plan import PruningPlan
-
         counts = [int(round(float(np.sum(m.numpy())))) for m in self._masks]
         if any(c != k for c, (_, k, _) in zip(counts, self._groups, strict=True)):
             logging.info("ADMM: Z not at the final sparsity yet; projecting W + U at the final keep counts")

@@ -24,14 +24,20 @@ The protocol, as `tfkdp.Distiller` uses it:
   them and checkpoints their weights.
 
 All losses compute in float32 whatever the inputs' dtype (mixed precision).
+
+Why one module of ~750 lines: it holds one concept, the family of KD losses
+on one protocol with its registry (`get`, `names`); the four losses share the
+validation and weighting helpers at the top, and most of the length is their
+docstrings with formulas and references.
 """
 
 import difflib
-import math
 
 import keras
 from absl import logging
 from keras import ops
+
+from tfkdp.checks import check_number
 
 __all__ = [
     "AttentionTransfer",
@@ -101,19 +107,11 @@ def _model_output_shape(model, role):
 
 
 def _check_positive(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name} must be a positive number; received {name}={value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite; received {name}={value!r}")
-    return float(value)
+    return check_number(name, value, 0, strict=True)
 
 
 def _check_non_negative(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ValueError(f"{name} must be a number >= 0; received {name}={value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite; received {name}={value!r}")
-    return float(value)
+    return check_number(name, value, 0)
 
 
 def _check_resize(resize):

@@ -1,0 +1,173 @@
+"""Pre-flight checks of the pipeline's inputs, run before any training.
+
+Each check raises `ValueError` (or `FileNotFoundError` for a path that does
+not exist) with one line naming the flag, the received value and what is
+allowed, so `tfkdp-compress` stops with exit code 2 in seconds instead of
+after a teacher has been trained on bad input.
+"""
+
+import os
+import zipfile
+
+import numpy as np
+
+__all__ = [
+    "check_finite",
+    "check_model_spec",
+    "check_keras_file",
+    "check_budget_reachable",
+]
+
+_KERAS_SUFFIXES = (".keras", ".h5")
+
+
+def check_finite(x, name):
+    """Raises if the array `x` holds NaN or infinite values.
+
+    Args:
+        x: an array (any dtype; integer arrays pass at once).
+        name: what `x` is, for the message (e.g. `"x_train of npz:data.npz"`).
+
+    Returns:
+        `x`, unchanged.
+
+    Raises:
+        ValueError: naming `name` and the count of bad values.
+
+    Example:
+        >>> check_finite(np.zeros((2, 4, 4, 1), "float32"), "x_train").shape
+        (2, 4, 4, 1)
+    """
+    from tfkdp.data import count_nonfinite
+
+    bad = count_nonfinite(x)
+    if bad:
+        size = np.asarray(x).size
+        raise ValueError(
+            f"{name} has {bad} NaN/inf values (of {size}); images must be finite numbers"
+        )
+    return x
+
+
+def _zoo_names():
+    from tfkdp import models
+
+    return models.names()
+
+
+def check_model_spec(value, flag="teacher", allow_savedmodel=True, keywords=()):
+    """Checks a model flag: a zoo model name, a keyword, or a loadable model path.
+
+    Args:
+        value: the flag's value.
+        flag: the flag's name, for the message (`"teacher"`, `"student"`).
+        allow_savedmodel: whether a SavedModel folder is accepted (a teacher
+            may be one; a student, which is trained, may not).
+        keywords: other accepted words (`("teacher",)` for `--student`).
+
+    Returns:
+        `"keyword"`, `"zoo"` or `"path"`: what `value` is.
+
+    Raises:
+        ValueError: for a name that is not in the zoo (listing the zoo), a
+            path of another kind, or a Keras file that cannot be loaded.
+        FileNotFoundError: for a path-like value that does not exist.
+    """
+    zoo = _zoo_names()
+    if value in keywords:
+        return "keyword"
+    if value in zoo:
+        return "zoo"
+    kinds = "a .keras/.h5 file" + (" or a SavedModel folder" if allow_savedmodel else "")
+    allowed = f"a zoo model name ({', '.join(zoo)}){''.join(f', {k!r}' for k in keywords)} or {kinds}"
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"--{flag}={value!r} is not {allowed}")
+    if not os.path.exists(value):
+        looks_like_path = os.sep in value or value.endswith(_KERAS_SUFFIXES)
+        if looks_like_path:
+            raise FileNotFoundError(f"--{flag}={value!r} does not exist; expected {allowed}")
+        raise ValueError(f"--{flag}={value!r} is neither a zoo model nor an existing path; "
+                         f"expected {allowed}")
+    if os.path.isdir(value):
+        if allow_savedmodel and os.path.isfile(os.path.join(value, "saved_model.pb")):
+            return "path"
+        raise ValueError(f"--{flag}={value!r} is a folder without saved_model.pb; expected {kinds}")
+    if not value.endswith(_KERAS_SUFFIXES):
+        raise ValueError(f"--{flag}={value!r} is not a .keras/.h5 file; expected {allowed}")
+    check_keras_file(value, flag)
+    return "path"
+
+
+def check_keras_file(path, flag="model"):
+    """Loads a `.keras`/`.h5` file, turning every failure into one clear line.
+
+    Keras reports a `.keras` file that is not a zip archive as "File not
+    found"; this says what is wrong with the file instead.
+
+    Args:
+        path: an existing `.keras` or `.h5` file.
+        flag: the flag's name, for the message.
+
+    Returns:
+        The loaded `keras.Model` (compile=False), so callers need not load twice.
+
+    Raises:
+        FileNotFoundError: if `path` does not exist.
+        ValueError: `"--flag='path' is not a valid Keras file: <reason>"`.
+    """
+    import keras
+
+    import tfkdp  # noqa: F401  (registers tfkdp's serializable layers and losses)
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--{flag}={path!r} does not exist")
+    if path.endswith(".keras") and not zipfile.is_zipfile(path):
+        reason = "not a zip archive (truncated or not written by model.save)"
+        raise ValueError(f"--{flag}={path!r} is not a valid Keras file: {reason}")
+    try:
+        model = keras.saving.load_model(path, compile=False)
+    except Exception as error:  # any failure to load is the same user error
+        reason = " ".join(f"{type(error).__name__}: {error}".split())
+        raise ValueError(f"--{flag}={path!r} is not a valid Keras file: {reason}") from None
+    if not isinstance(model, keras.Model):
+        raise ValueError(
+            f"--{flag}={path!r} is not a valid Keras file: it holds a {type(model).__name__}, "
+            "not a Model"
+        )
+    return model
+
+
+def check_budget_reachable(model, target_macs_reduction, round_to, min_channels=1):
+    """Raises if `make_plan` cannot reach the MAC budget on `model`'s architecture.
+
+    Reachability depends only on structure (which groups are prunable, their
+    widths, `round_to`, `min_channels`), so an untrained copy of the model is
+    enough: this runs before the teacher is trained.
+
+    Args:
+        model: the student architecture (weights may be random).
+        target_macs_reduction: the `--target_macs_reduction` flag, in (0, 1).
+        round_to: the `--round_to` flag.
+        min_channels: fewest channels a pruned group keeps.
+
+    Returns:
+        The `PruningPlan` made (an L1 plan on the given weights).
+
+    Raises:
+        ValueError: naming the flags and values, with `make_plan`'s reason.
+    """
+    import tfkdp
+
+    try:
+        return tfkdp.make_plan(
+            model, target_macs_reduction=target_macs_reduction, criterion="l1",
+            round_to=round_to, min_channels=min_channels,
+        )  # fmt: skip
+    except ValueError as error:
+        reason = " ".join(str(error).split())
+        raise ValueError(
+            f"--target_macs_reduction={target_macs_reduction} is not reachable on "
+            f"{getattr(model, 'name', 'the student')!r} with --round_to={round_to} "
+            f"(min_channels={min_channels}): {reason}. Lower --target_macs_reduction or "
+            "--round_to"
+        ) from None

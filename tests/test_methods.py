@@ -1,0 +1,120 @@
+"""The method layer: registry, budgets, results, and one code path for recipes."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+
+from tfkdp import data, methods, models
+from tfkdp.methods import Budget, Method, Pruned
+from tfkdp.pruning import PruningPlan, apply_plan, plan_of
+
+
+def _dataset(n=32, size=12):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, size, size, 1)).astype("float32")
+    y = (np.arange(n) % 3).astype("int64")
+    return data.make_dataset(x, y, batch_size=16, training=False)
+
+
+def _model(width=8):
+    return models.resnet_cifar(8, width=width, input_shape=(12, 12, 1), num_classes=3)
+
+
+def test_registry_lists_the_three_kdp_recipes():
+    assert methods.names()[:3] == ["kdp", "prune_only", "kd_only"]
+    assert isinstance(methods.get("kdp"), methods.kdp.KDP)
+
+
+def test_unknown_method_lists_valid_names_and_suggests_one():
+    with pytest.raises(ValueError, match=r"method='kpd'.*kdp.*prune_only.*kd_only.*Did you mean 'kdp'"):
+        methods.get("kpd")
+
+
+def test_bad_method_option_names_the_value():
+    with pytest.raises(ValueError, match="update_every=0"):
+        methods.get("kdp", update_every=0)
+    with pytest.raises(ValueError, match="criterion"):
+        methods.get("prune_only", criterion="l7")
+    with pytest.raises(TypeError):
+        methods.get("kd_only", no_such_option=1)
+
+
+def test_a_third_party_method_registers_and_runs_through_compress():
+    @methods.register
+    class HalveFirstGroup(Method):
+        name = "test_halve_first_group"
+
+        def get_config(self):
+            return {}
+
+        def prune(self, teacher, student, train_data, val_data, budget):
+            group = next(g for g in __import__("tfkdp").channel_groups(student) if g.prunable)
+            plan = PruningPlan({group.id: range(group.size // 2)})
+            return Pruned(apply_plan(student, plan), plan, {}, self.base_record(budget))
+
+    try:
+        assert "test_halve_first_group" in methods.names()
+        result = methods.get("test_halve_first_group").compress(None, _model(), _dataset(), budget=0.1)
+        model, plan, history = result  # a result unpacks like the old tuple
+        assert history == {}
+        group_id = next(iter(plan))
+        assert len(plan[group_id]) == 4
+        assert plan_of(result.masked) == plan
+        x = np.zeros((2, 12, 12, 1), "float32")
+        np.testing.assert_allclose(model(x), result.masked(x), atol=1e-5)
+        assert result.record["budget"] == {"kind": "macs", "reduction": 0.1}
+    finally:
+        methods.base._REGISTRY.pop("test_halve_first_group", None)
+
+
+def test_register_rejects_what_is_not_a_named_method():
+    with pytest.raises(ValueError, match="Method subclass"):
+        methods.register(object)
+
+    class Nameless(Method):
+        pass
+
+    with pytest.raises(ValueError, match="name must be a non-empty string"):
+        methods.register(Nameless)
+
+
+def test_budget_round_trips_and_validates():
+    assert Budget.of(0.5) == Budget.macs(0.5)
+    assert Budget.from_dict(json.loads(json.dumps(Budget.params(0.3).to_dict()))) == Budget.params(0.3)
+    assert Budget.params(0.3).plan_kwargs() == {"target_params_reduction": 0.3}
+    with pytest.raises(ValueError, match="target_macs_reduction=1.5"):
+        Budget.macs(1.5)
+    with pytest.raises(ValueError, match="budget kind"):
+        Budget("flops", 0.5)
+    with pytest.raises(ValueError, match="a budget is required"):
+        Budget.of(None)
+
+
+def test_method_config_round_trips_through_json():
+    from tfkdp.pruning.sparsity.schedules import ExponentialRho
+
+    method = methods.get("kdp", admm_epochs=2, finetune_epochs=3, criterion="l2", round_to=4,
+                         update_every=2, sparsity_ramp=0.5,
+                         rho=ExponentialRho(0.1, 1.5, 2, 2.0))  # fmt: skip
+    config = json.loads(json.dumps(method.get_config()))
+    again = type(method).from_config(config)
+    assert again.get_config() == method.get_config()
+    assert float(again.rho(4)) == float(method.rho(4))
+
+
+def test_kdp_record_is_json_and_names_what_the_recipe_decided():
+    teacher = _model()
+    result = methods.get(
+        "kdp", admm_epochs=1, finetune_epochs=1, update_every=2, training={"recalibrate_bn": 0}
+    ).compress(teacher, None, _dataset(), None, Budget.macs(0.3))
+    record = json.loads(json.dumps(result.record))
+    assert record["method"] == "kdp"
+    assert record["budget"] == {"kind": "macs", "reduction": 0.3}
+    assert record["phases"] == {"admm": 1, "finetune": 1}
+    kept = {gid: entry["kept"] for gid, entry in record["channels"].items() if entry["kept"] < entry["size"]}
+    assert kept == {gid: len(keep) for gid, keep in result.plan.items()}
+    assert record["admm_final_penalty"] >= 0.0
+    assert set(result.history) == {"admm", "finetune"}
+    keras.backend.clear_session()

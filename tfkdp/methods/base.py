@@ -1,0 +1,265 @@
+"""The method layer: `Method`, its registry, `Budget` and `CompressionResult`.
+
+A compression recipe is a `Method` subclass registered under a name. Every
+method runs the same three steps, which the pipeline runs as its
+`compress`, `finetune` and `strip` stages and `Method.compress` runs in one
+call, so the library and the pipeline run one algorithm:
+
+1. `prune(teacher, student, train_data, val_data, budget)` → `Pruned`: the
+   student with its pruned channels masked (same graph), the plan, history;
+2. `finetune(teacher, pruned, train_data, val_data)` → `Pruned`: the masked
+   student trained further and its batch norms re-estimated;
+3. `finalize(pruned)` → the deployable model (`strip_channels`; a merging
+   recipe merges instead).
+
+Example:
+    >>> from tfkdp import methods
+    >>> methods.names()
+    ['kdp', 'prune_only', 'kd_only']
+    >>> kdp = methods.get("kdp", admm_epochs=2, finetune_epochs=1)
+    >>> kdp.name
+    'kdp'
+"""
+
+import dataclasses
+import difflib
+
+from tfkdp import checks
+
+__all__ = ["Budget", "Pruned", "CompressionResult", "Method", "register", "get", "names"]
+
+_BUDGET_KINDS = ("macs", "params")
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """A compression budget: the fraction of MACs (or parameters) to remove.
+
+    Attributes:
+        kind: `"macs"` (multiply-accumulates of one forward pass at batch 1)
+            or `"params"`; a channel ratio is never a budget (see README).
+        reduction: the fraction to remove, in (0, 1).
+
+    Example:
+        >>> Budget.macs(0.5).plan_kwargs()
+        {'target_macs_reduction': 0.5}
+        >>> Budget.from_dict(Budget.params(0.3).to_dict())
+        Budget(kind='params', reduction=0.3)
+    """
+
+    kind: str
+    reduction: float
+
+    def __post_init__(self):
+        checks.check_choice("budget kind", self.kind, _BUDGET_KINDS)
+        checks.check_fraction(f"target_{self.kind}_reduction", self.reduction)
+
+    @classmethod
+    def macs(cls, reduction):
+        """Remove `reduction` of the MACs."""
+        return cls("macs", reduction)
+
+    @classmethod
+    def params(cls, reduction):
+        """Remove `reduction` of the parameters."""
+        return cls("params", reduction)
+
+    @classmethod
+    def of(cls, value):
+        """A `Budget` from a `Budget`, a dict (`to_dict`) or a number (a MAC reduction)."""
+        if isinstance(value, Budget):
+            return value
+        if isinstance(value, dict):
+            return cls.from_dict(value)
+        if value is None:
+            raise ValueError(
+                "a budget is required: Budget.macs(r), Budget.params(r) or a MAC reduction in (0, 1)"
+            )
+        return cls.macs(value)
+
+    def plan_kwargs(self):
+        """The `make_plan` keyword for this budget."""
+        return {f"target_{self.kind}_reduction": self.reduction}
+
+    def to_dict(self):
+        return {"kind": self.kind, "reduction": self.reduction}
+
+    @classmethod
+    def from_dict(cls, config):
+        return cls(config["kind"], config["reduction"])
+
+
+@dataclasses.dataclass
+class Pruned:
+    """The state between a method's steps.
+
+    Attributes:
+        model: the student with pruned channels masked (same graph as the
+            student); for a method that does not prune, the student itself.
+        plan: the `PruningPlan` (empty when nothing is pruned).
+        history: `{phase name: History.history}` of the phases so far.
+        record: JSON-serialisable facts the method decided (for the report).
+    """
+
+    model: object
+    plan: object
+    history: dict = dataclasses.field(default_factory=dict)
+    record: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class CompressionResult:
+    """What a method returns.
+
+    Attributes:
+        model: the final deployable model (stripped or merged).
+        plan: the `PruningPlan` applied to the student (empty for `kd_only`).
+        history: `{phase name: History.history}`.
+        record: JSON-serialisable record of what the method decided: its
+            name and options, the budget, the channels kept per group, the
+            phases and their epochs.
+        masked: the model before `finalize` (same graph as the student).
+
+    A result unpacks as `(model, plan, history)`.
+    """
+
+    model: object
+    plan: object
+    history: dict
+    record: dict
+    masked: object = None
+
+    def __iter__(self):
+        return iter((self.model, self.plan, self.history))
+
+
+class Method:
+    """Base class of compression recipes.
+
+    Subclasses set `name`, take their options as keyword arguments in
+    `__init__` (validated there, returned by `get_config`), and implement
+    `prune`; `finetune` and `finalize` have defaults (no further training;
+    strip the masked channels).
+
+    Args:
+        **options: the method's options (see each method).
+    """
+
+    name = None
+    #: whether the method prunes to a budget (the pipeline checks the budget early).
+    prunes = True
+
+    def get_config(self):
+        """The method's options (JSON-serialisable); `type(m)(**m.get_config())` rebuilds it."""
+        raise NotImplementedError(f"{type(self).__name__} must implement get_config()")
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def prune(self, teacher, student, train_data, val_data, budget):
+        """Trains and prunes; returns a `Pruned` with the masked student."""
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement prune(teacher, student, train_data, "
+            "val_data, budget) -> Pruned"
+        )
+
+    def finetune(self, teacher, pruned, train_data, val_data):
+        """Trains the masked student further; returns a `Pruned` (default: unchanged)."""
+        return pruned
+
+    def finalize(self, pruned):
+        """The deployable model of a fine-tuned `Pruned` (default: strip the plan)."""
+        from tfkdp.pruning.surgery import strip_channels
+
+        if not len(pruned.plan):
+            return pruned.model
+        return strip_channels(pruned.model, pruned.plan)
+
+    def compress(self, teacher, student, train_data, val_data=None, budget=None):
+        """Runs `prune`, `finetune` and `finalize`; returns a `CompressionResult`.
+
+        Args:
+            teacher: the trained teacher (`keras.Model` or path).
+            student: the model to compress (trained in place); `None` means a
+                copy of the teacher (self-compression).
+            train_data: a finite, batched `tf.data.Dataset` of `(x, y)`.
+            val_data: optional validation dataset.
+            budget: a `Budget` (or a MAC reduction in (0, 1)).
+
+        Returns:
+            A `CompressionResult`.
+        """
+        student = self.prepare_student(teacher, student)
+        if train_data is None:
+            raise ValueError("train_data is required (a finite, batched tf.data.Dataset of (x, y))")
+        pruned = self.prune(teacher, student, train_data, val_data, budget)
+        pruned = self.finetune(teacher, pruned, train_data, val_data)
+        model = self.finalize(pruned)
+        return CompressionResult(model, pruned.plan, pruned.history, pruned.record, pruned.model)
+
+    @staticmethod
+    def prepare_student(teacher, student):
+        """`student`, or a trainable copy of the teacher when `student` is None."""
+        import keras
+
+        from tfkdp.train.clone import copy_model
+
+        if student is None:
+            if teacher is None or not isinstance(teacher, keras.Model):
+                raise ValueError(
+                    "student=None means a copy of the teacher, which must then be a keras.Model; "
+                    f"received teacher={teacher!r}"
+                )
+            student = copy_model(teacher, name=f"{teacher.name}_student")
+        if not isinstance(student, keras.Model):
+            raise ValueError(f"student must be a keras.Model; received {type(student).__name__}")
+        return student
+
+    def base_record(self, budget):
+        """The record every method starts from: name, options, budget."""
+        return {
+            "method": self.name,
+            "options": self.get_config(),
+            "budget": None if budget is None else Budget.of(budget).to_dict(),
+        }
+
+
+_REGISTRY = {}
+
+
+def register(cls):
+    """Registers a `Method` subclass under `cls.name` (usable as a decorator).
+
+    Raises:
+        ValueError: if `cls` is not a `Method` subclass with a string name.
+    """
+    if not isinstance(cls, type) or not issubclass(cls, Method):
+        raise ValueError(f"register expects a Method subclass; received {cls!r}")
+    if not isinstance(cls.name, str) or not cls.name:
+        raise ValueError(f"{cls.__name__}.name must be a non-empty string; received {cls.name!r}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def names():
+    """The registered method names, in registration order (built-ins first)."""
+    return list(_REGISTRY)
+
+
+def get(name, **options):
+    """A new instance of the method registered as `name`, with `options`.
+
+    Raises:
+        ValueError: for an unknown name (listing the valid ones, with the
+            closest match) or bad options.
+    """
+    if isinstance(name, Method):
+        if options:
+            raise ValueError("options cannot be given with a Method instance")
+        return name
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(str(name), names(), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"Unknown method={name!r}; valid names: {names()}.{hint}")
+    return _REGISTRY[name](**options)

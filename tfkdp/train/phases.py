@@ -1,0 +1,187 @@
+"""Reusable training phases: a recipe is a short sequence of these.
+
+- `Training`: the knobs every phase shares (learning rate, optimizer, weight
+  decay, KD losses, XLA choice, callbacks, verbosity), one value object
+  instead of loose keyword arguments.
+- `distill(...)`: a knowledge-distillation phase (fresh `Distiller`, optional
+  sparsity term such as ADMM, warm-up + cosine schedule, non-finite guard).
+- `finetune(...)`: a supervised phase with the house recipe, guarded.
+- `hard_prune(model, plan)`: masks the plan's channels (same graph).
+- `recalibrate(model, data, batches)`: batch-norm re-estimation.
+
+Every phase returns its `History.history` dict (or the new model for
+`hard_prune`) and raises `NonFiniteLossError` with the last good weights
+restored when the loss becomes NaN/inf.
+"""
+
+import dataclasses
+
+import keras
+
+from tfkdp import checks
+from tfkdp.train import recipe
+from tfkdp.train.batchnorm import recalibrate_batchnorm
+from tfkdp.train.guard import NonFiniteGuard
+
+__all__ = ["Training", "distill", "finetune", "hard_prune", "recalibrate"]
+
+_OPTIMIZERS = ("sgd", "adamw")
+
+
+@dataclasses.dataclass(frozen=True)
+class Training:
+    """What every training phase of a recipe shares.
+
+    Attributes:
+        learning_rate: peak learning rate of each phase (warm-up + cosine).
+        finetune_learning_rate: peak learning rate of fine-tune phases
+            (`None`: `learning_rate`).
+        weight_decay: decoupled weight decay.
+        optimizer: `"sgd"` (Nesterov) or `"adamw"`.
+        distillation_losses: KD losses of KD phases (`None`: `SoftTargetKD(4.0)`).
+        student_loss_weight: weight of the task loss in KD phases.
+        jit_compile: `"auto"` (XLA on GPU only), `True` or `False`.
+        steps_per_execution: optimizer steps per compiled call.
+        recalibrate_bn: batches over which batch-norm statistics are
+            re-estimated after the last phase (0: keep the moving averages).
+        callbacks: extra Keras callbacks for every phase.
+        verbose: Keras `fit` verbosity.
+    """
+
+    learning_rate: float = 0.05
+    finetune_learning_rate: float = None
+    weight_decay: float = 5e-4
+    optimizer: str = "sgd"
+    distillation_losses: tuple = None
+    student_loss_weight: float = 0.5
+    jit_compile: object = "auto"
+    steps_per_execution: int = 1
+    recalibrate_bn: int = 100
+    callbacks: tuple = ()
+    verbose: int = 0
+
+    def __post_init__(self):
+        checks.check_number("learning_rate", self.learning_rate, 0, strict=True)
+        if self.finetune_learning_rate is not None:
+            checks.check_number("finetune_learning_rate", self.finetune_learning_rate, 0, strict=True)
+        checks.check_number("weight_decay", self.weight_decay, 0)
+        checks.check_choice("optimizer", self.optimizer, _OPTIMIZERS)
+        checks.check_number("student_loss_weight", self.student_loss_weight, 0)
+        checks.check_int("steps_per_execution", self.steps_per_execution, 1)
+        checks.check_int("recalibrate_bn", self.recalibrate_bn, 0)
+
+    @property
+    def finetune_lr(self):
+        """The peak learning rate of fine-tune phases."""
+        if self.finetune_learning_rate is None:
+            return self.learning_rate
+        return self.finetune_learning_rate
+
+    def to_dict(self):
+        """The JSON-serialisable settings (callbacks and loss objects by name)."""
+        losses = self.distillation_losses
+        return {
+            "learning_rate": self.learning_rate,
+            "finetune_learning_rate": self.finetune_lr,
+            "weight_decay": self.weight_decay,
+            "optimizer": self.optimizer,
+            "distillation_losses": (
+                None if losses is None else [type(loss).__name__ for loss in losses]
+            ),
+            "student_loss_weight": self.student_loss_weight,
+            "steps_per_execution": self.steps_per_execution,
+            "recalibrate_bn": self.recalibrate_bn,
+        }
+
+
+def distill(teacher, student, train_data, val_data, epochs, training, phase, *,
+            sparsity=None, learning_rate=None):  # fmt: skip
+    """One knowledge-distillation phase; trains `student` in place.
+
+    Args:
+        teacher: the teacher model (or path, see `tfkdp.Distiller`).
+        student: the student `keras.Model`.
+        train_data: a finite, batched `tf.data.Dataset` of `(x, y)`.
+        val_data: optional validation dataset.
+        epochs: epochs of this phase (>= 1).
+        training: a `Training`.
+        phase: the phase's name (for errors and logs).
+        sparsity: an optional sparsity term (e.g. `tfkdp.ADMM`).
+        learning_rate: this phase's peak learning rate (default
+            `training.learning_rate`).
+
+    Returns:
+        The phase's `History.history`.
+
+    Raises:
+        NonFiniteLossError: the loss became NaN/inf (weights restored).
+
+    Reference:
+        Hinton et al., "Distilling the Knowledge in a Neural Network", 2015.
+    """
+    from tfkdp.distill.distiller import Distiller
+
+    checks.check_int("epochs", epochs, 1)
+    lr = training.learning_rate if learning_rate is None else learning_rate
+    distiller = Distiller(
+        teacher, student, distillation_losses=training.distillation_losses,
+        student_loss_weight=training.student_loss_weight, sparsity=sparsity,
+    )  # fmt: skip
+    distiller.compile(
+        optimizer=recipe.make_optimizer(
+            recipe.steps_in(train_data) * epochs, lr, training.weight_decay, training.optimizer
+        ),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+        jit_compile=training.jit_compile,
+        steps_per_execution=training.steps_per_execution,
+    )
+    protected = list(student.weights) + (list(sparsity.weights) if sparsity is not None else [])
+    guard = NonFiniteGuard(protected, phase=phase)
+    history = distiller.fit(
+        train_data, validation_data=val_data, epochs=epochs,
+        callbacks=[guard, *training.callbacks], verbose=training.verbose,
+    )  # fmt: skip
+    return history.history
+
+
+def finetune(model, train_data, val_data, epochs, training, phase, *, learning_rate=None):
+    """One supervised phase with the house recipe (`tfkdp.train.recipe`); in place.
+
+    Args:
+        model: a logits classifier (masked or not).
+        train_data: a finite, batched `tf.data.Dataset` of `(x, y)`.
+        val_data: optional validation dataset.
+        epochs: epochs of this phase (>= 1).
+        training: a `Training`.
+        phase: the phase's name.
+        learning_rate: this phase's peak learning rate (default
+            `training.learning_rate`).
+
+    Returns:
+        The phase's `History.history`.
+    """
+    checks.check_int("epochs", epochs, 1)
+    guard = NonFiniteGuard(model.weights, phase=phase)
+    history = recipe.train_classifier(
+        model, train_data, val_data, epochs=epochs,
+        learning_rate=training.learning_rate if learning_rate is None else learning_rate,
+        weight_decay=training.weight_decay, optimizer=training.optimizer,
+        jit_compile=training.jit_compile, callbacks=[guard, *training.callbacks],
+        verbose=training.verbose, steps_per_execution=training.steps_per_execution,
+    )  # fmt: skip
+    return history.history
+
+
+def hard_prune(model, plan):
+    """The plan's channels masked to zero (`tfkdp.apply_plan`); a new model."""
+    from tfkdp.pruning.masking import apply_plan
+
+    return apply_plan(model, plan)
+
+
+def recalibrate(model, train_data, training):
+    """Batch-norm re-estimation over `training.recalibrate_bn` batches (0: none)."""
+    if training.recalibrate_bn:
+        return recalibrate_batchnorm(model, train_data, training.recalibrate_bn)
+    return 0
