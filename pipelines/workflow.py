@@ -235,8 +235,6 @@ def stage_compress(ctx, work):
     Writes `masked.keras` (the student with pruned channels held at zero by
     masks) and `plan.json`.
     """
-    from tfkdp.pruning.analysis import channel_groups
-
     train, val = ctx.datasets(ctx.flags["compress_train_subset"])
     method = _method(ctx, "compress")
     with _scope(ctx):
@@ -246,17 +244,9 @@ def stage_compress(ctx, work):
     pruned.model.save(os.path.join(work, "masked.keras"))
     with open(os.path.join(work, "plan.json"), "w") as f:
         f.write(pruned.plan.to_json())
-    groups = channel_groups(pruned.model)
     return {
-        "plan": json.loads(pruned.plan.to_json()), "channels": _channels(groups, pruned.plan),
+        "plan": json.loads(pruned.plan.to_json()), "channels": pruned.record.get("channels", {}),
         "history": _jsonable_history(pruned.history), "record": pruned.record,
-    }  # fmt: skip
-
-
-def _channels(groups, plan):
-    return {
-        g.id: {"size": g.size, "kept": len(plan[g.id]) if g.id in plan else g.size}
-        for g in groups if g.prunable
     }  # fmt: skip
 
 
