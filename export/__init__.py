@@ -1,4 +1,4 @@
-"""export: SavedModel, TFLite (f32, f16, dynamic, int8) and ONNX from any Keras 3 model.
+"""export: SavedModel, TFLite (f32, f16, dynamic, int8, sparse) and ONNX from any Keras 3 model.
 
 Each artifact is verified against the Keras model on its own runtime and can
 be benchmarked there:

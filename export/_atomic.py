@@ -1,5 +1,6 @@
 """Atomic file writes: write beside the target, then `os.replace`."""
 
+import gzip
 import json
 import os
 import secrets
@@ -40,4 +41,22 @@ def tree_size_bytes(path):
     total = 0
     for root, _, files in os.walk(path):
         total += sum(os.path.getsize(os.path.join(root, name)) for name in files)
+    return total
+
+
+def gzip_size_bytes(path, level=9):
+    """Bytes of the file gzip-compressed (level 9), or the sum over every file under a folder.
+
+    What a download or an over-the-air update of the artifact costs: zeros
+    left by weight pruning compress away here even in a dense file.
+    """
+    if os.path.isfile(path):
+        files = [path]
+    else:
+        files = [os.path.join(root, name) for root, _, names in os.walk(path) for name in names]
+    total = 0
+    for name in files:
+        with open(name, "rb") as f:
+            # mtime=0: the same bytes give the same size on every run.
+            total += len(gzip.compress(f.read(), compresslevel=level, mtime=0))
     return total

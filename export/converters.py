@@ -1,4 +1,4 @@
-"""`export_model`: one Keras model to SavedModel, TFLite (f32/f16/dynamic/int8) and ONNX.
+"""`export_model`: one Keras model to SavedModel, TFLite (f32/f16/dynamic/int8/sparse) and ONNX.
 
 (One module of ~540 lines: Keras' own layout, one converter function per
 format beside the one entry point and its staging/atomic-rename logic.)
@@ -46,7 +46,9 @@ __all__ = [
     "model_signature",
 ]
 
-FORMATS = ("saved_model", "tflite", "tflite_f16", "tflite_dynamic", "tflite_int8", "onnx")
+FORMATS = (
+    "saved_model", "tflite", "tflite_f16", "tflite_dynamic", "tflite_int8", "tflite_sparse", "onnx",
+)
 
 # Where each format lands inside `out_dir`.
 FILENAMES = {
@@ -55,6 +57,7 @@ FILENAMES = {
     "tflite_f16": "model_f16.tflite",
     "tflite_dynamic": "model_dynamic.tflite",
     "tflite_int8": "model_int8.tflite",
+    "tflite_sparse": "model_sparse.tflite",
     "onnx": "model.onnx",
 }
 
@@ -62,7 +65,7 @@ FILENAMES = {
 # dynamic gets a default input shape of 1×1×C, which on-device callers that do
 # not call `resize_tensor_input` run silently on a one-pixel image. So the
 # TFLite formats require fixed non-batch dimensions (the batch stays dynamic).
-_NEEDS_FIXED_DIMS = ("tflite", "tflite_f16", "tflite_dynamic", "tflite_int8")
+_NEEDS_FIXED_DIMS = ("tflite", "tflite_f16", "tflite_dynamic", "tflite_int8", "tflite_sparse")
 
 # Longest converter message kept in an ExportError (MLIR dumps can be huge;
 # the full text stays on the chained exception).
@@ -319,6 +322,16 @@ def _convert_tflite_int8(job):
     write_bytes_atomic(job.path("tflite_int8"), converter.convert())
 
 
+def _convert_tflite_sparse(job):
+    # Float32 with the converter's sparsity encoding: a constant weight whose
+    # zeros are numerous enough is stored in TFLite's sparse (CSR-like)
+    # format with a DENSIFY op before its consumer. The file shrinks; the
+    # kernels that run are the dense ones (see README, "Weight pruning").
+    converter = _tflite_converter(job)
+    converter.optimizations = [tf.lite.Optimize.EXPERIMENTAL_SPARSITY]
+    write_bytes_atomic(job.path("tflite_sparse"), converter.convert())
+
+
 def _convert_onnx(job):
     tf2onnx = require("tf2onnx")
     onnx = require("onnx")
@@ -341,6 +354,7 @@ _CONVERTERS = {
     "tflite_f16": _convert_tflite_f16,
     "tflite_dynamic": _convert_tflite_dynamic,
     "tflite_int8": _convert_tflite_int8,
+    "tflite_sparse": _convert_tflite_sparse,
     "onnx": _convert_onnx,
 }
 
@@ -433,6 +447,10 @@ def export_model(
     - `tflite_int8`: full-integer int8, activation ranges calibrated on
       `calibration`; float32 input/output (quantise/dequantise inside the
       model) unless `int8_io=True`.
+    - `tflite_sparse`: float32 TFLite converted with
+      `tf.lite.Optimize.EXPERIMENTAL_SPARSITY`: weights with enough zeros
+      (weight pruning) are stored in TFLite's sparse format and densified
+      at load; smaller file, dense kernels at run time.
     - `onnx`: `tf2onnx.convert.from_keras` at `opset`, checked with
       `onnx.checker.check_model(full_check=True)`.
 
@@ -444,7 +462,8 @@ def export_model(
             output, in inference mode semantics (BN uses moving statistics).
         out_dir: folder to write into; created if missing. Artifacts are named
             by `FILENAMES` (`saved_model/`, `model.tflite`, `model_f16.tflite`,
-            `model_dynamic.tflite`, `model_int8.tflite`, `model.onnx`); an
+            `model_dynamic.tflite`, `model_int8.tflite`, `model_sparse.tflite`,
+            `model.onnx`); an
             artifact already there is replaced, others are left alone.
         formats: a sequence of names from `FORMATS` (or one name). The default,
             every format, includes `tflite_int8`, which needs `calibration`.

@@ -23,6 +23,7 @@ RUNTIMES = {
     "tflite_f16": "litert",
     "tflite_dynamic": "litert",
     "tflite_int8": "litert",
+    "tflite_sparse": "litert",
     "onnx": "onnxruntime",
 }
 

@@ -23,6 +23,9 @@ DEFAULT_TOLERANCES = {
     "saved_model": {"max_abs_diff_rel": 1e-4, "min_top1_agreement": None},
     "tflite": {"max_abs_diff_rel": 1e-4, "min_top1_agreement": None},
     "onnx": {"max_abs_diff_rel": 1e-4, "min_top1_agreement": None},
+    # Sparse storage is lossless: the densified float32 weights are the same
+    # numbers, so the float32 bound applies.
+    "tflite_sparse": {"max_abs_diff_rel": 1e-4, "min_top1_agreement": None},
     # float16 weights carry 11 significant bits (relative rounding 2**-11 ≈
     # 5e-4 per weight); errors add up over layers, 1e-2 of the output scale.
     "tflite_f16": {"max_abs_diff_rel": 1e-2, "min_top1_agreement": None},
@@ -113,7 +116,7 @@ def verify(model, artifacts, x, y=None, tolerances=None, batch_size=64):
 
     The output scale is max |Keras output| over `x` (1.0 if that is 0);
     max-abs-diff tolerances are relative to it. Defaults
-    (`DEFAULT_TOLERANCES`): float32 formats 1e-4 of the output scale,
+    (`DEFAULT_TOLERANCES`): float32 formats (`tflite_sparse` included) 1e-4 of the output scale,
     `tflite_f16` 1e-2, `tflite_dynamic` and `tflite_int8` top-1 agreement with
     Keras >= 98 % (use real, structured data: on noise the logits are nearly
     tied and agreement says nothing).

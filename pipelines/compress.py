@@ -33,7 +33,7 @@ flags.DEFINE_string("dataset", "fashion_mnist", "fashion_mnist, npz:PATH or dir:
 flags.DEFINE_string(
     "method", "kdp",
     "Compression method: a name registered in tfkdp.methods (tfkdp.methods.names(); "
-    "built in: kdp, prune_only, kd_only).",
+    "built in: kdp, prune_only, kd_only, ddsl, mskd, pdc, weight).",
 )
 flags.DEFINE_float("target_macs_reduction", 0.5, "Share of the student's MACs to remove, in (0, 1).")
 flags.DEFINE_enum("criterion", "l1", CRITERIA, "Channel importance criterion.")
@@ -57,6 +57,27 @@ flags.DEFINE_string("output_dir", "runs/compress", "Where stages, artifacts and 
 flags.DEFINE_integer("seed", 0, "Seed of initialisation, shuffling and augmentation.")
 flags.DEFINE_enum("strategy", "default", STRATEGIES, "tf.distribute strategy for training.")
 flags.DEFINE_boolean("restart", False, "Discard finished stages in output_dir and start over.")
+
+# Method-specific flags: each method's `pipeline_options` reads its own (see README).
+flags.DEFINE_integer("dean_every", 10, "ddsl: optimizer steps between the dean's meta-updates.")
+flags.DEFINE_float("dean_lr", 0.05, "ddsl: learning rate of the dean's parameters.")
+flags.DEFINE_float("dean_distill_max", 2.0, "ddsl: upper bound of the distillation weight.")
+flags.DEFINE_float("dean_sparsity_max", 2.0, "ddsl: upper bound of the sparsity weight.")
+flags.DEFINE_list(
+    "mskd_criteria", ["l1", "l2", "bn_gamma", "taylor", "fpgm", "hessian"],
+    "mskd: criteria proposing candidate sub-networks.",
+)
+flags.DEFINE_list("mskd_allocations", ["global", "uniform"], "mskd: allocations of the candidates.")
+flags.DEFINE_integer("mskd_top_k", 3, "mskd: candidates given a short KD before the final choice.")
+flags.DEFINE_integer(
+    "mskd_select_steps", 0, "mskd: KD steps per top-k candidate (0: a tenth of an epoch)."
+)
+flags.DEFINE_float("pdc_epsilon", 3e-3, "pdc: strength of the centripetal pull.")
+flags.DEFINE_enum(
+    "weight_order", "sequential", ("sequential", "joint"),
+    "weight: KD → prune → KD fine-tune (sequential) or prune during KD (joint).",
+)
+flags.DEFINE_float("target_sparsity", 0.5, "weight: share of the prunable weights set to zero.")
 
 
 flags.register_validator(

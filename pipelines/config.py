@@ -1,11 +1,25 @@
 """Constants shared by the compress entry point and its stage wiring (no flags, no TF)."""
 
-CRITERIA = ("l1", "l2", "bn_gamma", "taylor", "fpgm", "random")
+CRITERIA = ("l1", "l2", "bn_gamma", "taylor", "fpgm", "hessian", "random")
 STRATEGIES = ("default", "mirrored")
-ALL_FORMATS = ("saved_model", "tflite", "tflite_f16", "tflite_dynamic", "tflite_int8", "onnx")
+ALL_FORMATS = (
+    "saved_model", "tflite", "tflite_f16", "tflite_dynamic", "tflite_int8", "tflite_sparse", "onnx",
+)
 # The method's three steps are the stages compress (Method.prune), finetune
 # (Method.finetune) and strip (Method.finalize): the order Method.compress runs.
 STAGES = ("teacher", "compress", "finetune", "strip", "export", "verify", "latency", "report")
+
+# Folder (under output_dir) of the methods' resumable state within a stage.
+RESUME_DIR = ".resume"
+
+# Flags of single methods (their `pipeline_options` read them); all belong to
+# the compress stage.
+METHOD_FLAGS = (
+    "dean_every", "dean_lr", "dean_distill_max", "dean_sparsity_max",
+    "mskd_criteria", "mskd_allocations", "mskd_top_k", "mskd_select_steps",
+    "pdc_epsilon",
+    "weight_order", "target_sparsity",
+)
 
 # Flags each stage depends on; a stage also depends on every earlier stage's
 # flags. Changing one of a finished stage's flags invalidates that stage.
@@ -14,6 +28,7 @@ STAGE_FLAGS = {
     "compress": (
         "student", "method", "target_macs_reduction", "criterion", "round_to", "compress_epochs",
         "lr", "temperature", "compress_train_subset", "strategy",
+        *METHOD_FLAGS,
     ),
     "finetune": ("finetune_epochs",),
     "strip": (),

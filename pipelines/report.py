@@ -35,16 +35,18 @@ def markdown(report):
     lines = [
         "# tfkdp compression report",
         "",
-        f"Method `{report['flags'].get('method')}`, target MAC reduction "
-        f"{report['flags'].get('target_macs_reduction')}, dataset "
-        f"`{report['flags'].get('dataset')}`.",
+        f"Method `{report['flags'].get('method')}`, "
+        + (f"target weight sparsity {report['flags'].get('target_sparsity')}"
+           if report["flags"].get("method") == "weight"
+           else f"target MAC reduction {report['flags'].get('target_macs_reduction')}")
+        + f", dataset `{report['flags'].get('dataset')}`.",
         "",
-        "| model | accuracy | MACs | params |",
-        "|---|---|---|---|",
+        "| model | accuracy | MACs | params | non-zero params |",
+        "|---|---|---|---|---|",
         f"| teacher | {_fmt(teacher['accuracy'])} | {_count(teacher['macs'])} | "
-        f"{_count(teacher['params'])} |",
+        f"{_count(teacher['params'])} | {_count(teacher.get('nonzero_params'))} |",
         f"| student | {_fmt(student['accuracy'])} | {_count(student['macs'])} | "
-        f"{_count(student['params'])} |",
+        f"{_count(student['params'])} | {_count(student.get('nonzero_params'))} |",
     ]
     if teacher.get("macs") and student.get("macs"):
         lines += [
@@ -52,18 +54,36 @@ def markdown(report):
             f"MAC reduction: {1 - student['macs'] / teacher['macs']:.1%}; "
             f"parameter reduction: {1 - student['params'] / teacher['params']:.1%}.",
         ]
+    efficiency = student.get("performance_efficiency") or {}
+    if efficiency.get("nonzero_params") is not None or efficiency.get("macs") is not None:
+        lines += [
+            "",
+            f"Performance Efficiency (accuracy kept / cost kept, teacher = 1): non-zero params "
+            f"{_fmt(efficiency.get('nonzero_params'), '.2f')}, MACs "
+            f"{_fmt(efficiency.get('macs'), '.2f')}; per artifact below (file, gzip, p50 "
+            "against the teacher's float32 tflite).",
+        ]
     lines += [
         "",
-        "| format | size | max abs diff | top-1 agreement | accuracy | p50 ms | p90 ms | threads |",
-        "|---|---|---|---|---|---|---|---|",
+        "| format | size | gzip | max abs diff | top-1 agreement | accuracy | p50 ms | p90 ms "
+        "| threads | PE size | PE gzip | PE p50 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for a in report["artifacts"]:
+        pe = a.get("performance_efficiency") or {}
+        gz = a.get("gzip_bytes")
         lines.append(
-            f"| {a['format']} | {a['size_bytes'] / 1024:.1f} KiB | {_fmt(a.get('max_abs_diff'), '.2e')} "
+            f"| {a['format']} | {a['size_bytes'] / 1024:.1f} KiB "
+            f"| {'-' if gz is None else f'{gz / 1024:.1f} KiB'} "
+            f"| {_fmt(a.get('max_abs_diff'), '.2e')} "
             f"| {_fmt(a.get('top1_agreement'))} | {_fmt(a.get('accuracy'))} "
             f"| {_fmt(a.get('latency_ms_p50'), '.3f')} | {_fmt(a.get('latency_ms_p90'), '.3f')} "
-            f"| {a.get('threads', '-')} |"
+            f"| {a.get('threads', '-')} | {_fmt(pe.get('size_bytes'), '.2f')} "
+            f"| {_fmt(pe.get('gzip_bytes'), '.2f')} | {_fmt(pe.get('latency_ms_p50'), '.2f')} |"
         )
+    extra = (report.get("method_report") or {}).get("markdown")
+    if extra:
+        lines += ["", extra.rstrip("\n")]
     lines += ["", "| stage | seconds |", "|---|---|"]
     for stage, seconds in report["stages"].items():
         lines.append(f"| {stage} | {seconds:.1f} |")
@@ -139,6 +159,11 @@ def write(report, out_dir):
     """Writes report.json, report.md and the plots into `out_dir`; returns the Markdown."""
     report = dict(report, schema_version=REPORT_SCHEMA_VERSION)
     report["plots"] = {k: os.path.basename(v) for k, v in plots(report, out_dir).items()}
+    method_report = dict(report.get("method_report") or {})
+    if method_report:
+        method_plots = {k: os.path.basename(v) for k, v in method_report.get("plots", {}).items()}
+        report["method_report"] = dict(method_report, plots=method_plots)
+        report["plots"].update(method_plots)
     write_json_atomic(os.path.join(out_dir, "report.json"), report)
     text = markdown(report)
     write_bytes_atomic(os.path.join(out_dir, "report.md"), text.encode("utf-8"))

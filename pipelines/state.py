@@ -69,6 +69,7 @@ class StageRunner:
     def _wipe(self):
         for stage in self.stages:
             shutil.rmtree(self.stage_dir(stage), ignore_errors=True)
+        shutil.rmtree(os.path.join(self.output_dir, ".resume"), ignore_errors=True)
         for name in (STATE_FILE, "flags.json"):
             path = os.path.join(self.output_dir, name)
             if os.path.exists(path):

@@ -13,7 +13,7 @@ from absl import logging
 
 from tfkdp.export._atomic import tree_size_bytes, write_json_atomic
 from tfkdp.pipelines import report as report_lib
-from tfkdp.pipelines.config import STAGE_FLAGS, STAGES
+from tfkdp.pipelines.config import RESUME_DIR, STAGE_FLAGS, STAGES
 from tfkdp.pipelines.state import StageRunner
 
 
@@ -198,11 +198,14 @@ def _method(ctx, stage=None):
         callbacks=tuple(_callbacks(ctx, stage)) if stage else (),
         verbose=_verbose(),
     )
-    return methods.get(
-        ctx.flags["method"], admm_epochs=ctx.flags["compress_epochs"],
-        finetune_epochs=ctx.flags["finetune_epochs"], criterion=ctx.flags["criterion"],
-        round_to=ctx.flags["round_to"], training=training,
-    )  # fmt: skip
+    cls = methods.get_class(ctx.flags["method"])
+    method = cls(**cls.pipeline_options(ctx.flags, training))
+    if stage is not None:
+        # Resumable state inside a stage: outside the stage's temp folder, so a
+        # killed run keeps it; dropped with --restart.
+        method.state_dir = os.path.join(ctx.runner.output_dir, RESUME_DIR, stage)
+        os.makedirs(method.state_dir, exist_ok=True)
+    return method
 
 
 def _budget(ctx):
@@ -323,38 +326,98 @@ def stage_latency(ctx, work):
 
 
 def stage_report(ctx, work):
+    """report.json, report.md and plots, with non-zero parameters, sizes and Performance Efficiency.
+
+    Performance Efficiency (`tfkdp.metrics.performance_efficiency`) takes the
+    teacher as the reference: for non-zero parameters and MACs its Keras
+    model; for file size, gzip size and latency its float32 `tflite` export,
+    converted and timed here on the first `--threads` count (and every
+    other) with the student's settings. The accuracy is the student's Keras
+    test accuracy for every cost.
+    """
+    from tfkdp import export, metrics
+    from tfkdp.export._atomic import gzip_size_bytes
+
     runner = ctx.runner
     teacher = {k: runner.record("teacher")["summary"][k] for k in ("accuracy", "macs", "params")}
     final = runner.record("strip")["summary"]
     compress = runner.record("compress")["summary"]
     student = {k: final[k] for k in ("accuracy", "macs", "params")}
+    student_model = keras.saving.load_model(ctx.path("strip", "student.keras"))
+    student["nonzero_params"] = metrics.count_nonzero_params(student_model)
     student["record"] = runner.record("finetune")["summary"].get("record")
     student["plan"] = compress.get("plan")
     student["channels"] = compress.get("channels", {})
     verify = runner.record("verify")["summary"]["results"]
     latency = runner.record("latency")["summary"]["rows"]
+    threads = tuple(int(t) for t in ctx.flags["threads"])
+
+    # The teacher's reference costs (a SavedModel teacher is inference-only: none).
+    reference = None
+    teacher["nonzero_params"] = None
+    if not os.path.isdir(_teacher_path(ctx)):
+        import tempfile
+
+        teacher_model = load_teacher(ctx)
+        teacher["nonzero_params"] = metrics.count_nonzero_params(teacher_model)
+        # Measured, not kept: the report folder holds files only (run() copies them out).
+        with tempfile.TemporaryDirectory(dir=work) as scratch:
+            paths = export.export_model(teacher_model, scratch, formats=("tflite",))
+            rows = export.benchmark_latency(
+                dict(paths), ctx.input_shape, threads=threads, repeat=ctx.flags["latency_repeat"]
+            )
+            reference = {
+                "format": "tflite", "size_bytes": tree_size_bytes(paths["tflite"]),
+                "gzip_bytes": gzip_size_bytes(paths["tflite"]),
+                "latency_ms_p50": {str(r["threads"]): r["p50_ms"] for r in rows},
+            }  # fmt: skip
+    teacher["reference_artifact"] = reference
+
+    def efficiency(cost, reference_cost):
+        if not cost or not reference_cost or not teacher.get("accuracy"):
+            return None
+        return metrics.performance_efficiency(
+            student["accuracy"], teacher["accuracy"], cost, reference_cost
+        )
+
+    student["performance_efficiency"] = {
+        "reference": "teacher",
+        "nonzero_params": efficiency(student["nonzero_params"], teacher["nonzero_params"]),
+        "macs": efficiency(student["macs"], teacher["macs"]),
+    }
     artifacts = []
     for fmt, path in _artifacts(ctx).items():
         checked = verify.get(fmt, {})
         timed = [r for r in latency if r.get("format") == fmt] or [{}]
+        size, gz = tree_size_bytes(path), gzip_size_bytes(path)
         for row in timed:
+            p50 = row.get("p50_ms")
+            ref_p50 = (reference or {}).get("latency_ms_p50", {}).get(str(row.get("threads")))
             artifacts.append({
                 "format": fmt,
                 "path": os.path.relpath(path, runner.output_dir),
-                "size_bytes": tree_size_bytes(path),
+                "size_bytes": size,
+                "gzip_bytes": gz,
                 "max_abs_diff": checked.get("max_abs_diff"),
                 "top1_agreement": checked.get("top1_agreement"),
                 "accuracy": checked.get("accuracy"),
                 "runtime": row.get("runtime"),
-                "latency_ms_p50": row.get("p50_ms"),
+                "latency_ms_p50": p50,
                 "latency_ms_p90": row.get("p90_ms"),
                 "threads": row.get("threads"),
+                "performance_efficiency": {
+                    "size_bytes": efficiency(size, (reference or {}).get("size_bytes")),
+                    "gzip_bytes": efficiency(gz, (reference or {}).get("gzip_bytes")),
+                    "latency_ms_p50": efficiency(p50, ref_p50),
+                },
             })
     stages = {s: runner.record(s)["seconds"] for s in STAGES if s != "report" and runner.done(s)}
     report = {
         "teacher": teacher, "student": student, "artifacts": artifacts, "stages": stages,
         "flags": ctx.flags, "baselines": compress.get("baselines", []),
-    }
+        # The method's own tables and plots (e.g. mskd's candidates, ddsl's dean.png).
+        "method_report": _method(ctx).report(student["record"] or {}, work),
+    }  # fmt: skip
     return {"markdown": report_lib.write(report, work)}
 
 
@@ -380,7 +443,7 @@ def preflight(ctx):
     student_kind = validate.check_model_spec(
         flags["student"], "student", allow_savedmodel=False, keywords=("teacher",)
     )
-    if not getattr(methods.get(flags["method"]), "prunes", True):
+    if not getattr(methods.get_class(flags["method"]), "prunes", True):
         return
     spec, kind = (flags["teacher"], teacher_kind) if student_kind == "keyword" else (
         flags["student"], student_kind
@@ -405,6 +468,8 @@ def run(values, restart=False):
     for index, stage in enumerate(STAGES, 1):
         was_done = runner.done(stage)
         summary = runner.run(stage, lambda work, s=stage: _STAGE_FNS[s](ctx, work))
+        # The stage is recorded: the method's resumable state inside it is spent.
+        shutil.rmtree(os.path.join(runner.output_dir, RESUME_DIR, stage), ignore_errors=True)
         seconds = runner.record(stage)["seconds"]
         note = "resumed: finished earlier" if was_done else f"{seconds:.1f} s"
         print(f"[{index}/{len(STAGES)}] {stage:<9} done ({note})", flush=True)

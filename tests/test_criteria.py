@@ -104,6 +104,62 @@ def test_taylor_equals_abs_activation_times_gradient_averaged_over_batches():
     np.testing.assert_allclose(got, want / 3, rtol=1e-4, atol=1e-7)
 
 
+def _brute_force_hessian(model, x, layer="conv"):
+    """Mean over examples of Σ_o (∂f_o/∂w)², summed per output channel, × ‖W_c‖² / n_c."""
+    kernel = model.get_layer(layer).kernel
+    trace = np.zeros(kernel.shape)
+    for xi in x:
+        with tf.GradientTape() as tape:
+            out = model(xi[None], training=False)
+        jac = tape.jacobian(out, kernel.value).numpy()  # (1, outputs, *kernel.shape)
+        trace += np.square(jac).sum(axis=(0, 1))
+    trace /= len(x)
+    w = kernel.numpy()
+    return trace.sum(axis=(0, 1, 2)) * np.square(w).sum(axis=(0, 1, 2)) / np.prod(w.shape[:3])
+
+
+def _one_output_net():
+    inputs = keras.Input((6, 6, 2))
+    x = keras.layers.Conv2D(5, 3, padding="same", name="conv")(inputs)
+    x = keras.layers.Activation("tanh", name="act")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    return keras.Model(inputs, keras.layers.Dense(1, name="logits")(x))
+
+
+def test_hessian_is_exact_for_one_output_and_batches_of_one():
+    # With one output per batch, a Rademacher probe v = ±1 gives (v·∂f/∂w)² = (∂f/∂w)²
+    # exactly, so the Hutchinson estimate equals the brute-force Jacobian trace.
+    model = _one_output_net()
+    x = np.random.default_rng(0).normal(size=(3, 6, 6, 2)).astype("float32")
+    ds = tf.data.Dataset.from_tensor_slices((x, np.zeros(3, "int32"))).batch(1)
+    got = criteria.get("hessian", num_batches=3, num_probes=2)(
+        model, [_groups(model)["conv"]], data=ds
+    )["conv"]
+    np.testing.assert_allclose(got, _brute_force_hessian(model, x), rtol=1e-5)
+
+
+def test_hessian_hutchinson_estimate_converges_to_the_jacobian_trace():
+    model = _conv_net(use_bn=True)
+    x = np.random.default_rng(1).normal(size=(4, 6, 6, 2)).astype("float32")
+    ds = tf.data.Dataset.from_tensor_slices((x, np.zeros(4, "int32"))).batch(1)
+    crit = criteria.get("hessian", num_batches=4, num_probes=300, seed=3)
+    got = crit(model, [_groups(model)["conv"]], data=ds)["conv"]
+    want = _brute_force_hessian(model, x)
+    # 3 outputs: the Rademacher cross terms average out as 1/sqrt(1200 probes) ≈ 3 %;
+    # 15 % leaves room for a few standard deviations.
+    np.testing.assert_allclose(got, want, rtol=0.15)
+    # the same seed and data give the same scores
+    np.testing.assert_array_equal(crit(model, [_groups(model)["conv"]], data=ds)["conv"], got)
+
+
+def test_hessian_needs_data_and_validates_its_numbers():
+    model = _conv_net(use_bn=True)
+    with pytest.raises(ValueError, match="data=None"):
+        criteria.get("hessian")(model, [_groups(model)["conv"]])
+    with pytest.raises(ValueError, match="num_probes=0"):
+        criteria.get("hessian", num_probes=0)
+
+
 def test_taylor_needs_data():
     model = _conv_net(use_bn=True)
     with pytest.raises(ValueError, match="data=None"):
@@ -122,7 +178,9 @@ def test_random_is_seeded_and_independent_of_group_order():
 
 
 def test_get_unknown_name_lists_valid_names():
-    with pytest.raises(ValueError, match=r"'l3'.*\['bn_gamma', 'fpgm', 'l1', 'l2', 'random', 'taylor'\]"):
+    with pytest.raises(
+        ValueError, match=r"'l3'.*\['bn_gamma', 'fpgm', 'hessian', 'l1', 'l2', 'random', 'taylor'\]"
+    ):
         criteria.get("l3")
 
 

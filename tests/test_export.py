@@ -572,3 +572,32 @@ def test_importing_export_is_lazy_and_has_no_side_effects():
         "heavy": [], "env_same": True, "policy_same": True,
         "file": os.path.join(REPO_ROOT, "export", "__init__.py"),
     }  # fmt: skip
+
+
+# --- tflite_sparse ----------------------------------------------------------------------
+
+
+def test_tflite_sparse_of_a_weight_pruned_model_is_smaller_and_matches_keras(trained, tmp_path):
+    from tfkdp.export._atomic import gzip_size_bytes, tree_size_bytes
+    from tfkdp.pruning import unstructured
+
+    model, _, x_test, _ = trained
+    masked = unstructured.apply_weight_masks(model, layers=["conv2", "logits"])
+    unstructured.WeightPruner(masked, 0.8).prune_to(0.8)
+    pruned = unstructured.remove_weight_masks(masked)
+    paths = export.export_model(pruned, str(tmp_path / "out"), formats=("tflite", "tflite_sparse"))
+    results = export.verify(pruned, dict(paths), x_test)
+    reference = pruned.predict(x_test, verbose=0)
+    scale = np.max(np.abs(reference))
+    # Sparse storage is lossless: the float32 bound (summation order only, ~1e-6 relative).
+    assert results["tflite_sparse"]["runtime"] == "litert"
+    assert results["tflite_sparse"]["max_abs_diff"] <= 1e-4 * scale
+    assert results["tflite_sparse"]["top1_agreement"] == 1.0
+    np.testing.assert_allclose(
+        _runner_outputs("tflite_sparse", paths["tflite_sparse"], x_test, 16), reference,
+        rtol=0, atol=1e-4 * scale,
+    )  # fmt: skip
+    # conv2 (1152 weights) at 80 % zeros is stored sparse: the file shrinks.
+    assert tree_size_bytes(paths["tflite_sparse"]) < tree_size_bytes(paths["tflite"])
+    # gzip squeezes the dense file's zeros too
+    assert gzip_size_bytes(paths["tflite"]) < tree_size_bytes(paths["tflite"])

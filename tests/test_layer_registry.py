@@ -145,7 +145,7 @@ def test_merge_channels_reproduces_the_hard_averaged_model():
 
 def test_merge_channels_rejects_clusters_that_are_not_a_partition():
     model = models.resnet_cifar(8, width=4, input_shape=(8, 8, 3), num_classes=3)
-    with pytest.raises(ValueError, match="partition"):
+    with pytest.raises(ValueError, match="channel 1 is in clusters 0 and 1"):
         merge_channels(model, {"stage1_block1_conv1": [[0, 1], [1, 2]]})
     with pytest.raises(ValueError, match="unknown group id 'nope'"):
         merge_channels(model, {"nope": [[0]]})

@@ -28,8 +28,8 @@ def test_registry_lists_the_three_kdp_recipes():
 
 
 def test_unknown_method_lists_valid_names_and_suggests_one():
-    with pytest.raises(ValueError, match=r"method='kpd'.*kdp.*prune_only.*kd_only.*Did you mean 'kdp'"):
-        methods.get("kpd")
+    with pytest.raises(ValueError, match=r"method='kdpp'.*kdp.*prune_only.*kd_only.*Did you mean 'kdp'"):
+        methods.get("kdpp")
 
 
 def test_bad_method_option_names_the_value():

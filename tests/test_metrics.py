@@ -75,3 +75,39 @@ def test_count_params_trainable_only_excludes_bn_statistics():
         if isinstance(layer, keras.layers.BatchNormalization)
     )
     assert metrics.count_params(model) - metrics.count_params(model, trainable_only=True) == bn_stats
+
+
+def test_count_nonzero_params_counts_entries_that_are_not_exactly_zero():
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, keras.layers.Dense(2, name="d")(inputs))
+    model.get_layer("d").kernel.assign([[1.0, 0.0], [0.0, -2.0], [0.5, 0.0]])
+    model.get_layer("d").bias.assign([0.0, 3.0])
+    assert metrics.count_params(model) == 8
+    assert metrics.count_nonzero_params(model) == 4
+
+
+def test_performance_efficiency_equals_a_hand_computation():
+    # accuracy kept 0.88 / 0.92, cost kept 30 000 / 120 000 = 1/4
+    assert metrics.performance_efficiency(0.88, 0.92, 30_000, 120_000) == pytest.approx(
+        (0.88 / 0.92) * 4.0, rel=1e-12
+    )
+    # the reference itself scores exactly 1, whatever the unit of the cost
+    assert metrics.performance_efficiency(0.9, 0.9, 3.2, 3.2) == 1.0
+    assert metrics.performance_efficiency(0.9, 0.9, 3200, 3200) == 1.0
+    # same accuracy at twice the cost: half as efficient
+    assert metrics.performance_efficiency(0.5, 0.5, 2.0, 1.0) == 0.5
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        ((0.9, 0.0, 1, 1), "reference_accuracy=0.0"),
+        ((-0.1, 0.9, 1, 1), r"accuracy=-0\.1"),
+        ((0.9, 0.9, 0, 1), "cost=0"),
+        ((0.9, 0.9, 1, -5), "reference_cost=-5"),
+        ((float("nan"), 0.9, 1, 1), "accuracy=nan"),
+    ],
+)
+def test_performance_efficiency_rejects_bad_values_naming_them(args, match):
+    with pytest.raises(ValueError, match=match):
+        metrics.performance_efficiency(*args)

@@ -169,7 +169,7 @@ def test_pipeline_mirrored_strategy_runs_kdp_end_to_end(tmp_path):
 @pytest.mark.parametrize(
     "flag, message",
     [
-        ("--method=magic", "<kdp|prune_only|kd_only>"),
+        ("--method=magic", "<kdp|prune_only|kd_only|"),
         ("--target_macs_reduction=1.5", "strictly between 0 and 1"),
         ("--formats=tflite,gguf", "subset of"),
         ("--strategy=tpu", "<default|mirrored>"),

@@ -19,6 +19,8 @@ from tfkdp.pruning import (
     apply_plan,
     channel_groups,
     fold_batchnorm,
+    hard_average,
+    merge_channels,
     plan_macs,
     plan_params,
     strip_channels,
@@ -276,6 +278,8 @@ def _zoo_kwargs(name):
         return {"width": 2, "input_shape": (8, 8, 1), "num_classes": 3}
     if name.startswith("vgg"):
         return {"width_multiplier": 1 / 32, "input_shape": (8, 8, 1), "num_classes": 3}
+    if name.startswith("densenet"):
+        return {"depth": 10, "growth_rate": 2, "input_shape": (8, 8, 1), "num_classes": 3}
     return {"alpha": 0.1, "input_shape": (8, 8, 3), "num_classes": 3}
 
 
@@ -415,3 +419,156 @@ def test_fold_batchnorm_of_stripped_zoo_model():
     x = _inputs(model, np.random.default_rng(5))
     _assert_close(stripped(x), folded(x))
     assert metrics.count_macs(folded) == metrics.count_macs(stripped)
+
+
+# -- channel merging (PDC / C-SGD) ------------------------------------------------
+
+
+def _random_clusters(model, rng, fraction=0.5, skip=()):
+    """Each prunable group split into ~fraction·size non-empty clusters, members at random."""
+    clusters = {}
+    for group in channel_groups(model):
+        if group.prunable and group.size > 1 and group.id not in skip:
+            count = max(1, int(round(group.size * fraction)))
+            labels = np.concatenate([np.arange(count), rng.integers(0, count, group.size - count)])
+            rng.shuffle(labels)
+            clusters[group.id] = [np.flatnonzero(labels == c).tolist() for c in range(count)]
+    return clusters
+
+
+def _average_in_place(model, clusters):
+    """Makes every cluster's owned slices equal, in place (test set-up, no rebuild)."""
+    from tfkdp.pruning.analysis import analyze
+    from tfkdp.pruning.clustering import owned_refs
+
+    analysis = analyze(model)
+    for group_id, members in clusters.items():
+        group = analysis.group_by_id[group_id]
+        for ref in owned_refs(analysis, group):
+            variable = getattr(analysis.layer_at(ref.layer), ref.attr)
+            value = variable.numpy()
+            moved = np.moveaxis(value, ref.axis, 0)
+            for cluster in members:
+                rows = ref.indices(group.size)[cluster]
+                moved[rows] = moved[rows].mean(axis=0, keepdims=True)
+            variable.assign(value)
+
+
+def _check_merge_of_identical(model, fraction=0.5):
+    """One rebuild: members made identical in place, then merge == model."""
+    rng = np.random.default_rng(0)
+    _perturb_batchnorm(model, rng)
+    clusters = _random_clusters(model, rng, fraction)
+    _average_in_place(model, clusters)
+    x = _inputs(model, rng)
+    _assert_close(model(x), merge_channels(model, clusters)(x))
+
+
+def _check_merge(model, seed=0, fraction=0.5, skip=()):
+    """merge_channels(model) == hard_average(model); MACs as the representatives' plan says."""
+    rng = np.random.default_rng(seed)
+    _perturb_batchnorm(model, rng)
+    clusters = _random_clusters(model, rng, fraction, skip)
+    assert clusters
+    x = _inputs(model, rng)
+    before = [w.numpy().copy() for w in model.weights]
+    averaged = hard_average(model, clusters)
+    merged = merge_channels(model, clusters)
+    _assert_close(averaged(x), merged(x))
+    # Input untouched (functional surgery).
+    for old, w in zip(before, model.weights, strict=True):
+        np.testing.assert_array_equal(old, w.numpy())
+    plan = PruningPlan({g: [c[0] for c in members] for g, members in clusters.items()})
+    assert metrics.count_macs(merged) == plan_macs(model, plan) < metrics.count_macs(model)
+    assert metrics.count_params(merged) == plan_params(model, plan)
+    return clusters, merged
+
+
+@pytest.mark.parametrize("kind", sorted(set(COUPLINGS) - {"misc_layers_and_nonzero_f0"}))
+def test_merge_channels_equals_hard_average_per_coupling_kind(kind):
+    # BN, activations, residual adds, concat offsets, Flatten → Dense, depthwise and
+    # separable convolutions (depthwise slices averaged, pointwise rows summed).
+    _check_merge(COUPLINGS[kind]())
+
+
+def test_merge_channels_refuses_per_channel_config_constants_and_merges_the_rest():
+    model = _misc_layers()
+    # 'tconv' channels pass a Rescaling with one scale per channel: not mergeable.
+    with pytest.raises(ValueError, match="group 'tconv'.*'rescale' \\(Rescaling\\)"):
+        merge_channels(model, {"tconv": [[0, 1], [2], [3], [4]]})
+    # The other groups (PReLU, adapted Normalization weights, Average) merge exactly.
+    _check_merge(model, skip=("tconv",))
+
+
+@pytest.mark.parametrize("name", models.names())
+def test_merge_channels_of_identical_channels_is_exact_for_zoo_model(name):
+    _check_merge_of_identical(models.get(name, **_zoo_kwargs(name)))
+
+
+@pytest.mark.parametrize(
+    "builder",
+    [
+        lambda: keras.applications.MobileNetV2(
+            input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=4,
+            classifier_activation=None,
+        ),
+        lambda: keras.applications.ResNet50(
+            input_shape=(32, 32, 3), weights=None, classes=4, classifier_activation=None
+        ),
+    ],
+    ids=["MobileNetV2", "ResNet50"],
+)  # fmt: skip
+def test_merge_channels_of_identical_channels_is_exact_for_keras_applications(builder):
+    _check_merge_of_identical(builder(), fraction=0.75)
+
+
+def test_merge_channels_of_identical_channels_reproduces_the_model():
+    # After hard averaging the members already agree: merging changes nothing.
+    model = _residual_add()
+    rng = np.random.default_rng(5)
+    _perturb_batchnorm(model, rng)
+    clusters = _random_clusters(model, rng)
+    averaged = hard_average(model, clusters)
+    x = _inputs(model, rng)
+    _assert_close(averaged(x), merge_channels(averaged, clusters)(x))
+    # ... and hard averaging made every cluster's producer kernel slices equal.
+    group = next(g for g in channel_groups(averaged) if g.id in clusters)
+    kernel = averaged.get_layer(group.producers[0]).kernel.numpy()
+    for members in clusters[group.id]:
+        np.testing.assert_allclose(kernel[..., members], kernel[..., members[:1]].repeat(len(members), -1), rtol=1e-6)
+
+
+def test_merge_channels_with_singleton_clusters_equals_strip():
+    model = models.resnet_cifar(8, width=4, input_shape=(8, 8, 3))
+    rng = np.random.default_rng(2)
+    _perturb_batchnorm(model, rng)
+    groups = [g for g in channel_groups(model) if g.prunable]
+    clusters = {g.id: [[i] for i in range(g.size)] for g in groups}
+    merged = merge_channels(model, clusters)
+    stripped = strip_channels(model, {g.id: range(g.size) for g in groups})
+    # Nothing to average or sum: the same weights, value for value, as strip.
+    assert len(merged.weights) == len(stripped.weights)
+    for a, b in zip(merged.weights, stripped.weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    x = _inputs(model, rng)
+    _assert_close(model(x), merged(x))
+    assert metrics.count_macs(merged) == metrics.count_macs(model)
+
+
+@pytest.mark.parametrize(
+    "clusters, message",
+    [
+        ({"stage1_block1_conv1": [[0, 1], [1, 2], [3]]}, "'stage1_block1_conv1': channel 1 is in clusters 0 and 1"),
+        ({"stage1_block1_conv1": [[0, 1], [2, 3, 9]]}, "'stage1_block1_conv1': cluster 1 holds channel 9.*cannot span groups"),
+        ({"stage1_block1_conv1": [[0, 1, 2, 3], []]}, "'stage1_block1_conv1': cluster 1 is empty"),
+        ({"stage1_block1_conv1": [[0, 1], [2]]}, "'stage1_block1_conv1': channels \\[3\\] are in no cluster"),
+        ({"nope": [[0]]}, "unknown group id 'nope'"),
+    ],
+    ids=["channel_in_two_clusters", "cluster_across_groups", "empty_cluster", "not_a_partition", "unknown_group"],
+)  # fmt: skip
+def test_merge_channels_rejects_bad_clusters_naming_the_group(clusters, message):
+    model = models.resnet_cifar(8, width=4, input_shape=(8, 8, 3))
+    with pytest.raises(ValueError, match=message):
+        merge_channels(model, clusters)
+    with pytest.raises(ValueError, match=message):
+        hard_average(model, clusters)

@@ -142,6 +142,10 @@ class Distiller(keras.Model):
             optional `sparsity.on_train_step_end(iterations)` runs inside the
             compiled train step right after the optimizer update with
             `optimizer.iterations` (so it works with `steps_per_execution > 1`).
+            An optional `sparsity.transform_gradients(gradients, variables)`
+            returns the gradients the optimizer applies (e.g. Centripetal SGD's
+            cluster-averaged gradients); it runs in the compiled step after
+            the tape, on the summed-over-replicas gradients' local share.
             Under `tf.distribute` it runs in replica context: create the
             variables it assigns with `aggregation="only_first_replica"`. A
             Layer's variables are tracked and checkpointed; a plain object's
@@ -287,6 +291,7 @@ class Distiller(keras.Model):
             # checkpoints carry it.
             self.sparsity_variables = list(getattr(sparsity, "variables", ()) or ())
         self._sparsity_step_end = getattr(sparsity, "on_train_step_end", None)
+        self._sparsity_transform = getattr(sparsity, "transform_gradients", None)
 
         self.student_loss_tracker = keras.metrics.Mean(name="student_loss")
         self.distillation_loss_tracker = keras.metrics.Mean(name="distillation_loss")
@@ -603,6 +608,8 @@ class Distiller(keras.Model):
             scaled = self.optimizer.scale_loss(total / float(_replicas()))
         trainable = self.trainable_weights
         gradients = tape.gradient(scaled, trainable)
+        if self._sparsity_transform is not None:
+            gradients = list(self._sparsity_transform(list(gradients), trainable))
         self.optimizer.apply_gradients(zip(gradients, trainable, strict=True))
         if self._sparsity_step_end is not None:
             self._sparsity_step_end(self.optimizer.iterations)

@@ -2,17 +2,20 @@
 
 - `kdp`: ADMM knowledge distillation with pruning; `prune_only` and
   `kd_only`: its baselines (`tfkdp.methods.kdp`).
+- `weight`: weight (unstructured) pruning with KD (`tfkdp.methods.weight`).
 
 Third parties register their own `Method` subclasses with `register`.
 """
 
-from tfkdp.methods import kdp
+from tfkdp.methods import ddsl, kdp, mskd, pdc, weight
 from tfkdp.methods.base import (
     Budget,
     CompressionResult,
     Method,
     Pruned,
+    Recipe,
     get,
+    get_class,
     names,
     register,
 )
@@ -22,8 +25,14 @@ __all__ = [
     "CompressionResult",
     "Method",
     "Pruned",
+    "Recipe",
     "get",
+    "get_class",
     "names",
     "register",
+    "ddsl",
     "kdp",
+    "mskd",
+    "pdc",
+    "weight",
 ]

@@ -14,7 +14,7 @@ call, so the library and the pipeline run one algorithm:
 
 Example:
     >>> from tfkdp import methods
-    >>> methods.names()
+    >>> methods.names()[:3]
     ['kdp', 'prune_only', 'kd_only']
     >>> kdp = methods.get("kdp", admm_epochs=2, finetune_epochs=1)
     >>> kdp.name
@@ -26,7 +26,10 @@ import difflib
 
 from tfkdp import checks
 
-__all__ = ["Budget", "Pruned", "CompressionResult", "Method", "register", "get", "names"]
+__all__ = [
+    "Budget", "Pruned", "CompressionResult", "Method", "Recipe", "register", "get", "get_class",
+    "names",
+]
 
 _BUDGET_KINDS = ("macs", "params")
 
@@ -148,6 +151,37 @@ class Method:
     name = None
     #: whether the method prunes to a budget (the pipeline checks the budget early).
     prunes = True
+    #: A folder where a method may keep resumable state *within* one of its
+    #: steps (e.g. scores of finished candidates), or None (library use: no
+    #: resume). The pipeline sets it per stage; it survives a killed run.
+    state_dir = None
+
+    @classmethod
+    def pipeline_options(cls, flags, training):
+        """The method's options from the pipeline's resolved flags (a dict).
+
+        Args:
+            flags: `{flag name: value}` of `tfkdp-compress` (e.g.
+                `compress_epochs`, `criterion`, `round_to` and the method's
+                own flags).
+            training: the `Training` the pipeline built from its flags.
+
+        Returns:
+            Keyword arguments for `cls(**options)`.
+        """
+        return {"training": training}
+
+    def report(self, record, out_dir):
+        """Method-specific report parts from a finished run's `record`.
+
+        Args:
+            record: the `record` of the method's `Pruned` after `finetune`.
+            out_dir: the folder to write plots into.
+
+        Returns:
+            `{"markdown": str, "plots": {key: file path}}` (default: nothing).
+        """
+        return {"markdown": "", "plots": {}}
 
     def get_config(self):
         """The method's options (JSON-serialisable); `type(m)(**m.get_config())` rebuilds it."""
@@ -247,6 +281,20 @@ def names():
     return list(_REGISTRY)
 
 
+def get_class(name):
+    """The `Method` subclass registered as `name`.
+
+    Raises:
+        ValueError: for an unknown name (listing the valid ones, with the
+            closest match).
+    """
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(str(name), names(), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"Unknown method={name!r}; valid names: {names()}.{hint}")
+    return _REGISTRY[name]
+
+
 def get(name, **options):
     """A new instance of the method registered as `name`, with `options`.
 
@@ -258,8 +306,105 @@ def get(name, **options):
         if options:
             raise ValueError("options cannot be given with a Method instance")
         return name
-    if name not in _REGISTRY:
-        close = difflib.get_close_matches(str(name), names(), n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"Unknown method={name!r}; valid names: {names()}.{hint}")
-    return _REGISTRY[name](**options)
+    return get_class(name)(**options)
+
+
+class Recipe(Method):
+    """A method with the shared options of the channel-pruning recipes.
+
+    Subclasses (`kdp`, `prune_only`, `kd_only` and the other recipes) take
+    these options plus their own; `pipeline_options` maps the pipeline's
+    flags onto them (`--compress_epochs` → `admm_epochs`, the first phase).
+
+    Args:
+        admm_epochs: epochs of the first phase (ADMM + KD for `kdp`, >= 1
+            there); the baselines train `admm_epochs + finetune_epochs`.
+        finetune_epochs: epochs after the hard prune (>= 0).
+        criterion: importance criterion (`tfkdp.pruning.criteria.names()`).
+        allocation: `"global"` or `"uniform"` (see `make_plan`).
+        min_channels: fewest channels a pruned group keeps.
+        round_to: kept channel counts are multiples of this.
+        training: a `tfkdp.train.phases.Training`, or a dict of its fields.
+        onednn_guard: `make_plan`'s guard for groups feeding strided 1×1
+            convolutions (`"auto"`, `"keep"`, `"raise"`, `"off"`; see
+            `tfkdp.make_plan`); what it did is in the record.
+    """
+
+    first_phase_minimum = 0
+
+    def __init__(self, admm_epochs=1, finetune_epochs=1, criterion="l1", allocation="global",
+                 min_channels=1, round_to=1, training=None, onednn_guard="auto"):  # fmt: skip
+        self.admm_epochs = checks.check_int("admm_epochs", admm_epochs, self.first_phase_minimum)
+        self.finetune_epochs = checks.check_int("finetune_epochs", finetune_epochs, 0)
+        if self.admm_epochs + self.finetune_epochs < 1:
+            raise ValueError(
+                "admm_epochs + finetune_epochs must be >= 1; received "
+                f"{admm_epochs} + {finetune_epochs}"
+            )
+        from tfkdp.pruning import allocation as allocation_lib
+        from tfkdp.pruning import criteria
+        from tfkdp.train.phases import Training
+
+        criteria.get(criterion)  # fails early, listing the valid names
+        self.criterion = criterion
+        self.allocation = checks.check_choice("allocation", allocation, allocation_lib.ALLOCATIONS)
+        self.min_channels = checks.check_int("min_channels", min_channels, 1)
+        self.round_to = checks.check_int("round_to", round_to, 1)
+        self.onednn_guard = checks.check_choice(
+            "onednn_guard", onednn_guard, ("auto", "keep", "raise", "off")
+        )
+        if training is None:
+            training = Training()
+        elif isinstance(training, dict):
+            training = Training(**training)
+        if not isinstance(training, Training):
+            raise ValueError(f"training must be a Training or a dict; received {training!r}")
+        self.training = training
+
+    @classmethod
+    def pipeline_options(cls, flags, training):
+        """`--compress_epochs` → `admm_epochs`, `--finetune_epochs`, `--criterion`, `--round_to`."""
+        return {
+            "admm_epochs": flags["compress_epochs"], "finetune_epochs": flags["finetune_epochs"],
+            "criterion": flags["criterion"], "round_to": flags["round_to"], "training": training,
+        }  # fmt: skip
+
+    @property
+    def total_epochs(self):
+        return self.admm_epochs + self.finetune_epochs
+
+    def get_config(self):
+        return {
+            "admm_epochs": self.admm_epochs,
+            "finetune_epochs": self.finetune_epochs,
+            "criterion": self.criterion,
+            "allocation": self.allocation,
+            "min_channels": self.min_channels,
+            "round_to": self.round_to,
+            "training": self.training.to_dict(),
+            "onednn_guard": self.onednn_guard,
+        }
+
+    def make_plan(self, student, groups, budget, train_data):
+        """The criterion's plan for `budget` (`tfkdp.make_plan`)."""
+        from tfkdp.pruning import allocation, criteria
+
+        crit = criteria.get(self.criterion)
+        return allocation.make_plan(
+            student, groups=groups, criterion=crit, allocation=self.allocation,
+            min_channels=self.min_channels, round_to=self.round_to, onednn_guard=self.onednn_guard,
+            data=train_data if crit.requires_data else None, **Budget.of(budget).plan_kwargs(),
+        )  # fmt: skip
+
+    def record(self, student, budget, groups, plan, phase_epochs):
+        from tfkdp.pruning.allocation import onednn_hazards
+
+        record = self.base_record(budget)
+        record["phases"] = phase_epochs
+        mode, hazards = onednn_hazards(student, groups, self.onednn_guard)
+        record["onednn_guard"] = {"mode": mode, "groups": {gid: list(v) for gid, v in hazards.items()}}
+        record["channels"] = {
+            g.id: {"size": g.size, "kept": len(plan[g.id]) if g.id in plan else g.size}
+            for g in groups if g.prunable
+        }  # fmt: skip
+        return record

@@ -34,103 +34,14 @@ import keras
 from absl import logging
 
 from tfkdp import checks
-from tfkdp.methods.base import Budget, Method, Pruned, register
+from tfkdp.methods.base import Pruned, Recipe, register
 from tfkdp.train import phases
-from tfkdp.train.phases import Training
 
 __all__ = ["KDP", "PruneOnly", "KDOnly"]
 
 
-class _Recipe(Method):
-    """Options shared by the three recipes of this module.
-
-    Args:
-        admm_epochs: epochs of the first phase (ADMM + KD for `kdp`, >= 1
-            there); the baselines train `admm_epochs + finetune_epochs`.
-        finetune_epochs: epochs after the hard prune (>= 0).
-        criterion: importance criterion (`tfkdp.pruning.criteria.names()`).
-        allocation: `"global"` or `"uniform"` (see `make_plan`).
-        min_channels: fewest channels a pruned group keeps.
-        round_to: kept channel counts are multiples of this.
-        training: a `tfkdp.train.phases.Training`, or a dict of its fields.
-        onednn_guard: `make_plan`'s guard for groups feeding strided 1×1
-            convolutions (`"auto"`, `"keep"`, `"raise"`, `"off"`; see
-            `tfkdp.make_plan`); what it did is in the record.
-    """
-
-    first_phase_minimum = 0
-
-    def __init__(self, admm_epochs=1, finetune_epochs=1, criterion="l1", allocation="global",
-                 min_channels=1, round_to=1, training=None, onednn_guard="auto"):  # fmt: skip
-        self.admm_epochs = checks.check_int("admm_epochs", admm_epochs, self.first_phase_minimum)
-        self.finetune_epochs = checks.check_int("finetune_epochs", finetune_epochs, 0)
-        if self.admm_epochs + self.finetune_epochs < 1:
-            raise ValueError(
-                "admm_epochs + finetune_epochs must be >= 1; received "
-                f"{admm_epochs} + {finetune_epochs}"
-            )
-        from tfkdp.pruning import allocation as allocation_lib
-        from tfkdp.pruning import criteria
-
-        criteria.get(criterion)  # fails early, listing the valid names
-        self.criterion = criterion
-        self.allocation = checks.check_choice("allocation", allocation, allocation_lib.ALLOCATIONS)
-        self.min_channels = checks.check_int("min_channels", min_channels, 1)
-        self.round_to = checks.check_int("round_to", round_to, 1)
-        self.onednn_guard = checks.check_choice(
-            "onednn_guard", onednn_guard, ("auto", "keep", "raise", "off")
-        )
-        if training is None:
-            training = Training()
-        elif isinstance(training, dict):
-            training = Training(**training)
-        if not isinstance(training, Training):
-            raise ValueError(f"training must be a Training or a dict; received {training!r}")
-        self.training = training
-
-    @property
-    def total_epochs(self):
-        return self.admm_epochs + self.finetune_epochs
-
-    def get_config(self):
-        return {
-            "admm_epochs": self.admm_epochs,
-            "finetune_epochs": self.finetune_epochs,
-            "criterion": self.criterion,
-            "allocation": self.allocation,
-            "min_channels": self.min_channels,
-            "round_to": self.round_to,
-            "training": self.training.to_dict(),
-            "onednn_guard": self.onednn_guard,
-        }
-
-    def make_plan(self, student, groups, budget, train_data):
-        """The criterion's plan for `budget` (`tfkdp.make_plan`)."""
-        from tfkdp.pruning import allocation, criteria
-
-        crit = criteria.get(self.criterion)
-        return allocation.make_plan(
-            student, groups=groups, criterion=crit, allocation=self.allocation,
-            min_channels=self.min_channels, round_to=self.round_to, onednn_guard=self.onednn_guard,
-            data=train_data if crit.requires_data else None, **Budget.of(budget).plan_kwargs(),
-        )  # fmt: skip
-
-    def record(self, student, budget, groups, plan, phase_epochs):
-        from tfkdp.pruning.allocation import onednn_hazards
-
-        record = self.base_record(budget)
-        record["phases"] = phase_epochs
-        mode, hazards = onednn_hazards(student, groups, self.onednn_guard)
-        record["onednn_guard"] = {"mode": mode, "groups": {gid: list(v) for gid, v in hazards.items()}}
-        record["channels"] = {
-            g.id: {"size": g.size, "kept": len(plan[g.id]) if g.id in plan else g.size}
-            for g in groups if g.prunable
-        }  # fmt: skip
-        return record
-
-
 @register
-class KDP(_Recipe):
+class KDP(Recipe):
     """ADMM knowledge distillation with structured pruning (see the module docstring).
 
     Args:
@@ -238,7 +149,7 @@ class KDP(_Recipe):
 
 
 @register
-class PruneOnly(_Recipe):
+class PruneOnly(Recipe):
     """Baseline: the criterion's plan, then supervised fine-tuning (no teacher signal).
 
     Trains `admm_epochs + finetune_epochs` epochs after the prune, at
@@ -266,7 +177,7 @@ class PruneOnly(_Recipe):
 
 
 @register
-class KDOnly(_Recipe):
+class KDOnly(Recipe):
     """Baseline: distil the (dense, presumably smaller) student; nothing is pruned.
 
     Trains `admm_epochs + finetune_epochs` epochs of KD in one phase.

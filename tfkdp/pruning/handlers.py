@@ -125,6 +125,28 @@ class LayerHandler:
         """
         return None
 
+    def merge_owned(self, layer, attr):
+        """Whether input slice `attr` belongs to the channel it reads (averaged, not summed).
+
+        A separable convolution's depthwise kernel filters each input channel
+        on its own before the pointwise sum: merging two identical channels
+        is exact only when their depthwise slices are identical too, so
+        `hard_average` averages them and `merge_channels` keeps the
+        representative's slice. Default: False (a linear consumer's slices
+        are summed by `merge_input`).
+        """
+        return False
+
+    def merge_problem(self, layer):
+        """Why channels passing through `layer` cannot be merged exactly, or None.
+
+        A layer holding per-channel constants in its config (a `Rescaling`
+        with one scale per channel) keeps merged members apart, and
+        `hard_average` cannot average a config; `merge_channels` refuses such
+        groups with this reason.
+        """
+        return None
+
     def merge_input(self, layer, attr, value, axis, members):
         """Merges the input slices of channels that are merged into one.
 

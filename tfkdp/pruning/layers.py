@@ -100,6 +100,9 @@ class _Separable(LayerHandler):
         config["filters"] = int(np.sum(out_keep[0]))
         return config
 
+    def merge_owned(self, layer, attr):
+        return attr == "depthwise_kernel"
+
     def macs(self, layer, in_shapes, out_shapes):
         mid = int(in_shapes[0][-1]) * int(layer.depth_multiplier)
         positions = shape_size(out_shapes[0][1:-1])
@@ -246,6 +249,21 @@ class _AxisNorm(PassThrough):
         return None
 
 
+def _per_channel_constants(layer, keys):
+    """A reason naming the config entries of `keys` that hold one value per channel, or None."""
+    config = layer.get_config()
+    found = [
+        k for k in keys
+        if not isinstance(config.get(k), dict) and np.size(config.get(k)) > 1
+    ]  # fmt: skip
+    if not found:
+        return None
+    return (
+        f"layer '{layer.name}' ({type(layer).__name__}) holds per-channel constants {found} in "
+        "its config, which channel merging cannot average"
+    )
+
+
 class _Normalization(PassThrough):
     """`keras.layers.Normalization`: per-channel mean/variance when axis is the channel axis."""
 
@@ -268,6 +286,9 @@ class _Normalization(PassThrough):
                     config[key] = np.asarray(value)[..., keep].tolist()
         return config
 
+    def merge_problem(self, layer):
+        return _per_channel_constants(layer, ("mean", "variance"))
+
 
 class _Rescaling(PassThrough):
     def strip_config(self, layer, config, in_keep, out_keep):
@@ -279,6 +300,9 @@ class _Rescaling(PassThrough):
             if np.ndim(value) >= 1 and np.shape(value)[-1] == keep.shape[0]:
                 config[key] = np.asarray(value)[..., keep].tolist()
         return config
+
+    def merge_problem(self, layer):
+        return _per_channel_constants(layer, ("scale", "offset"))
 
 
 def _register_builtins():

@@ -157,9 +157,12 @@ class WeightMask(_MaskConstraint):
         if not shape or any(d <= 0 for d in shape):
             raise ValueError(f"WeightMask shape must have positive dimensions; received {shape}")
         self.shape = shape
+        # A pruner assigns the mask inside the train step (replica context under
+        # tf.distribute): "only_first_replica" makes that assignment legal.
         self.mask = self.add_weight(
-            shape=shape, initializer="ones", trainable=False, name="weight_mask"
-        )
+            shape=shape, initializer="ones", trainable=False, name="weight_mask",
+            aggregation="only_first_replica",
+        )  # fmt: skip
 
     def _broadcast(self, w):
         if tuple(w.shape) != self.shape:

@@ -22,14 +22,15 @@ import keras
 import numpy as np
 
 from tfkdp.pruning.analysis import analyze
+from tfkdp.pruning.clustering import cluster_plan, owned_refs, validate_clusters
 from tfkdp.pruning.handlers import get_handler
-from tfkdp.pruning.plan import PruningPlan
 from tfkdp.pruning.rebuild import (
     Rebuild,
     as_plan,
     first_nodes,
     masks_by_variable,
     old_values,
+    parameters,
     recreate,
     unmask_config,
 )
@@ -67,6 +68,11 @@ def strip_channels(model, plan):
         >>> small.get_layer("stage1_block1_conv1").filters
         4
     """
+    return _strip(model, plan)
+
+
+def _strip(model, plan, values=None):
+    """`strip_channels`, with the values of the variables in `values` ({id: array}) replaced."""
     analysis, plan = as_plan(model, plan)
     pruned = analysis.pruned(plan)
     weight_masks = masks_by_variable(analysis, pruned)
@@ -91,9 +97,23 @@ def strip_channels(model, plan):
         return recreate(layer, config)
 
     def weights(path, old, new):
-        return old_values(old, weight_masks)
+        return _sliced_values(old, weight_masks, values)
 
     return Rebuild(analysis, make_layer, weights, tensor_keep).run(model)
+
+
+def _sliced_values(layer, weight_masks, values=None):
+    """`old_values`, reading a variable's value from `values` ({id: array}) when listed there."""
+    if not values:
+        return old_values(layer, weight_masks)
+    result = []
+    for variable in parameters(layer):
+        value = values.get(id(variable))
+        value = variable.numpy() if value is None else value.astype(variable.dtype)
+        for axis, keep in sorted(weight_masks.get(id(variable), {}).items()):
+            value = np.compress(keep, value, axis=axis)
+        result.append(value)
+    return result
 
 
 
@@ -178,108 +198,131 @@ def fold_batchnorm(model):
     return Rebuild(analysis, make_layer, weights, bypass=bypass).run(model)
 
 
-def _check_clusters(analysis, clusters):
-    """{group_id: list of index arrays, representative first}, validated."""
-    if not isinstance(clusters, dict):
-        raise ValueError(
-            f"clusters must be a dict {{group_id: [[channel, ...], ...]}}; received {clusters!r}"
-        )
-    result = {}
+def _averaged_values(analysis, clusters):
+    """{id(variable): float64 array} of every variable a clustered channel owns, averaged.
+
+    For each cluster, every owned slice (`clustering.owned_refs`) of its
+    members is replaced by the members' mean, position by position.
+    """
+    values = {}
     for group_id, members in clusters.items():
-        group = analysis.group_by_id.get(group_id)
-        if group is None:
-            raise ValueError(
-                f"unknown group id {group_id!r}; prunable groups are "
-                f"{[g.id for g in analysis.groups if g.prunable]}"
-            )
-        if not group.prunable:
-            raise ValueError(f"group {group_id!r} is not prunable: {group.reason}")
-        seen = []
-        lists = []
-        for cluster in members:
-            indices = [int(i) for i in cluster]
-            if not indices:
-                raise ValueError(f"group {group_id!r} has an empty cluster")
-            seen.extend(indices)
-            lists.append(indices)
-        if sorted(seen) != list(range(group.size)):
-            raise ValueError(
-                f"the clusters of group {group_id!r} must partition its {group.size} channels "
-                f"(each channel in exactly one cluster); received {members!r}"
-            )
-        result[group_id] = lists
-    return result
+        group = analysis.group_by_id[group_id]
+        if all(len(m) == 1 for m in members):
+            continue
+        for ref in owned_refs(analysis, group):
+            variable = getattr(analysis.layer_at(ref.layer), ref.attr)
+            value = values.get(id(variable))
+            if value is None:
+                value = np.asarray(variable.numpy(), dtype=np.float64).copy()
+                values[id(variable)] = value
+            moved = np.moveaxis(value, ref.axis, 0)  # a view: writes reach `value`
+            table = ref.indices(group.size)  # (size, repeat * block)
+            for cluster in members:
+                if len(cluster) > 1:
+                    rows = table[cluster]
+                    moved[rows] = moved[rows].mean(axis=0, keepdims=True)
+    return values
+
+
+def _check_mergeable(analysis, clusters):
+    """Raises if a clustered group passes through a layer whose handler forbids merging."""
+    merged = {gid for gid, members in clusters.items() if any(len(m) > 1 for m in members)}
+    if not merged:
+        return
+    for flat in analysis.nodes:
+        handler = get_handler(flat.layer)
+        problem = handler.merge_problem(flat.layer) if handler is not None else None
+        if not problem:
+            continue
+        for key in flat.inputs:
+            layout = analysis.layouts.get(key)
+            for segment in layout.segments if layout is not None else ():
+                group = analysis.group_of_space[segment.space]
+                if group.id in merged:
+                    raise ValueError(
+                        f"the channels of group {group.id!r} cannot be merged exactly: {problem}"
+                    )
+
+
+def _rebuild_with(model, analysis, values):
+    """A copy of `model` (same graph and names) whose variables in `values` hold those values."""
+
+    def make_layer(path, layer):
+        return recreate(layer, layer.get_config())
+
+    def weights(path, old, new):
+        return _sliced_values(old, {}, values)
+
+    return Rebuild(analysis, make_layer, weights).run(model)
 
 
 def hard_average(model, clusters):
     """A copy of `model` in which each cluster's channels are made identical.
 
-    Every weight slice that *produces* a group's channels (kernels, biases,
-    batch-norm parameters and statistics) is replaced, for each cluster, by
-    the mean over the cluster's members; consumers are left alone. This is
-    the model `merge_channels(model, clusters)` reproduces exactly.
+    Every weight slice a clustered channel owns (`clustering.owned_refs`:
+    producer kernels and biases, batch-norm parameters and moving
+    statistics, depthwise kernels, a separable convolution's depthwise
+    slices) is replaced, for each cluster, by the mean over the cluster's
+    members; consumers are left alone. This is the model
+    `merge_channels(model, clusters)` reproduces exactly.
 
     Args:
         model: a functional `keras.Model`; not modified.
         clusters: `{group_id: [[channel, ...], ...]}`, a partition of each
-            listed group's channels; the first member of a cluster is its
-            representative.
+            listed group's channels (`tfkdp.pruning.clustering`).
 
     Returns:
         A new `keras.Model` with the same graph and layer names.
+
+    Raises:
+        ValueError: for bad clusters (`validate_clusters`), naming the group.
+
+    Example:
+        >>> from tfkdp import models
+        >>> model = models.resnet_cifar(8, width=4)
+        >>> averaged = hard_average(model, {"stem_conv": [[0, 1], [2], [3]]})
+        >>> kernel = averaged.get_layer("stem_conv").kernel.numpy()
+        >>> bool(np.allclose(kernel[..., 0], kernel[..., 1]))
+        True
 
     Reference:
         Ding et al., "Centripetal SGD for Pruning Very Deep Convolutional
         Networks with Complicated Structure", CVPR 2019.
     """
+    clusters = validate_clusters(model, clusters)
     analysis = analyze(model)
-    clusters = _check_clusters(analysis, clusters)
-    clone = keras.models.clone_model(model)
-    clone.set_weights(model.get_weights())
-    for group_id, members in clusters.items():
-        group = analysis.group_by_id[group_id]
-        for ref in group.out_params:
-            variable = getattr(_layer(clone, ref.layer), ref.attr)
-            value = np.moveaxis(np.asarray(variable.numpy(), dtype=np.float64), ref.axis, 0)
-            table = ref.indices(group.size)  # (size, repeat, block)
-            for indices in members:
-                rows = table[indices]  # (members, repeat, block)
-                value[rows] = value[rows].mean(axis=0, keepdims=True)
-            variable.assign(np.moveaxis(value, 0, ref.axis).astype(variable.dtype))
-    return clone
-
-
-def _layer(model, path):
-    from tfkdp.pruning.analysis import get_layer
-
-    return get_layer(model, path)
+    return _rebuild_with(model, analysis, _averaged_values(analysis, clusters))
 
 
 def merge_channels(model, clusters):
-    """Removes channels by merging each cluster into its representative.
+    """Removes channels by merging each cluster into its representative (channel addition).
 
-    For every group in `clusters`, each cluster's producer slices are first
-    averaged (`hard_average`); then the first channel of each cluster is kept
-    and the others are removed; every weight that reads the group (a
-    consumer kernel's input axis, dense rows after `Flatten`) reads the
-    representative for all members: their input slices are merged into the
-    representative's by the consumer's handler (`LayerHandler.merge_input`,
-    a sum for linear layers). The result computes exactly what
-    `hard_average(model, clusters)` computes; when the members of each
-    cluster already compute the same channel (after clustering training),
-    that is what `model` computes.
+    For every group in `clusters`, each cluster's owned slices are first
+    averaged (as `hard_average` does); then the first channel of each
+    cluster is kept and the others are removed; every weight that reads the
+    group (a consumer kernel's input axis, dense rows after `Flatten`, the
+    slices of each concatenated input) reads the representative for all
+    members: their input slices are merged into the representative's by the
+    consumer's handler (`LayerHandler.merge_input`, a sum for linear
+    layers). The result computes what `hard_average(model, clusters)`
+    computes, through batch norms, element-wise activations, residual adds
+    (coupled groups), concatenations, `Flatten → Dense` and depthwise
+    convolutions; when the members already compute the same channel (after
+    centripetal training) that is what `model` computes. Clusters of one
+    channel each make it `strip_channels` of the kept channels.
 
     Args:
         model: a functional `keras.Model`; not modified.
         clusters: `{group_id: [[channel, ...], ...]}`, a partition of each
-            listed group's channels; the first member of a cluster is kept.
+            listed group's channels; the smallest channel of a cluster is kept.
 
     Returns:
         A new, smaller `keras.Model`.
 
     Raises:
-        ValueError: if a group is unknown or unprunable, or its clusters do
-            not partition its channels.
+        ValueError: if a group is unknown or unprunable, its clusters do not
+            partition its channels, or a layer on the group's path cannot
+            merge (`LayerHandler.merge_problem`).
 
     Example:
         >>> from tfkdp import models
@@ -290,41 +333,29 @@ def merge_channels(model, clusters):
 
     Reference:
         Ding et al., "Centripetal SGD for Pruning Very Deep Convolutional
-        Networks with Complicated Structure", CVPR 2019 (channel merging).
+        Networks with Complicated Structure", CVPR 2019 (channel merging);
+        Niu et al., "Pruning-and-distillation: One-stage joint compression
+        framework for CNNs via clustering", Image and Vision Computing 2023.
     """
-    averaged = hard_average(model, clusters)
-    analysis = analyze(averaged)
-    clusters = _check_clusters(analysis, clusters)
-    merged = {}  # id(variable) -> merged value
+    clusters = validate_clusters(model, clusters)
+    analysis = analyze(model)
+    _check_mergeable(analysis, clusters)
+    values = _averaged_values(analysis, clusters)
     for group_id, members in clusters.items():
         group = analysis.group_by_id[group_id]
+        if all(len(m) == 1 for m in members):
+            continue
         for ref in group.in_params:
             layer = analysis.layer_at(ref.layer)
+            handler = get_handler(layer)
+            if handler.merge_owned(layer, ref.attr):
+                continue  # averaged above: the representative's slice stands for all
             variable = getattr(layer, ref.attr)
-            value = merged.get(id(variable))
+            value = values.get(id(variable))
             if value is None:
-                value = np.asarray(variable.numpy(), dtype=np.float64)
-            table = ref.indices(group.size).reshape(group.size, -1)  # weight indices per channel
+                value = np.asarray(variable.numpy(), dtype=np.float64).copy()
+            table = ref.indices(group.size)  # weight indices per channel
             # Position j of every member is merged into position j of the representative.
-            index_sets = [table[m].T for m in members if len(m) > 1]
-            columns = [cols for sets in index_sets for cols in sets]
-            merged[id(variable)] = get_handler(layer).merge_input(
-                layer, ref.attr, value, ref.axis, columns
-            )
-    plan = PruningPlan({gid: sorted(m[0] for m in members) for gid, members in clusters.items()})
-    source = _with_values(averaged, merged) if merged else averaged
-    return strip_channels(source, plan)
-
-
-def _with_values(model, values):
-    """A copy of `model` whose variables listed in `values` ({id: array}) hold those values."""
-    by_position = {}
-    for index, variable in enumerate(model.weights):
-        if id(variable) in values:
-            by_position[index] = values[id(variable)]
-    clone = keras.models.clone_model(model)
-    weights = model.get_weights()
-    for index, value in by_position.items():
-        weights[index] = value.astype(weights[index].dtype)
-    clone.set_weights(weights)
-    return clone
+            columns = [list(col) for m in members if len(m) > 1 for col in table[m].T]
+            values[id(variable)] = handler.merge_input(layer, ref.attr, value, ref.axis, columns)
+    return _strip(model, cluster_plan(clusters), values)

@@ -95,7 +95,7 @@ class Training:
 
 
 def distill(teacher, student, train_data, val_data, epochs, training, phase, *,
-            sparsity=None, learning_rate=None):  # fmt: skip
+            sparsity=None, learning_rate=None, distiller_factory=None, callbacks=()):  # fmt: skip
     """One knowledge-distillation phase; trains `student` in place.
 
     Args:
@@ -109,6 +109,11 @@ def distill(teacher, student, train_data, val_data, epochs, training, phase, *,
         sparsity: an optional sparsity term (e.g. `tfkdp.ADMM`).
         learning_rate: this phase's peak learning rate (default
             `training.learning_rate`).
+        distiller_factory: `None` (a `tfkdp.Distiller`) or a callable taking
+            the `Distiller`'s arguments and returning a `Distiller` (e.g.
+            DDSL's `DeanDistiller` with its dean bound).
+        callbacks: extra callbacks of this phase only (run before
+            `training.callbacks`).
 
     Returns:
         The phase's `History.history`.
@@ -123,7 +128,7 @@ def distill(teacher, student, train_data, val_data, epochs, training, phase, *,
 
     checks.check_int("epochs", epochs, 1)
     lr = training.learning_rate if learning_rate is None else learning_rate
-    distiller = Distiller(
+    distiller = (distiller_factory or Distiller)(
         teacher, student, distillation_losses=training.distillation_losses,
         student_loss_weight=training.student_loss_weight, sparsity=sparsity,
     )  # fmt: skip
@@ -137,10 +142,12 @@ def distill(teacher, student, train_data, val_data, epochs, training, phase, *,
         steps_per_execution=training.steps_per_execution,
     )
     protected = list(student.weights) + (list(sparsity.weights) if sparsity is not None else [])
+    controller = getattr(distiller, "dean", None)  # a meta-learned controller's state, if any
+    protected += list(controller.weights) if controller is not None else []
     guard = NonFiniteGuard(protected, phase=phase)
     history = distiller.fit(
         train_data, validation_data=val_data, epochs=epochs,
-        callbacks=[guard, *training.callbacks], verbose=training.verbose,
+        callbacks=[guard, *callbacks, *training.callbacks], verbose=training.verbose,
     )  # fmt: skip
     return history.history
 

@@ -319,6 +319,43 @@ class ADMM(keras.layers.Layer):
                 total = total + tf.reduce_sum(tf.square(diff))
         return 0.5 * self.rho.value * total
 
+    def relative_distance(self):
+        """‖W − Z‖² / ‖W‖² over every regularised slice (float32 scalar; 0 on the sparse set)."""
+        dist = tf.constant(0.0, tf.float32)
+        norm = tf.constant(0.0, tf.float32)
+        for _, _, slots in self._groups:
+            for slot in slots:
+                value = tf.cast(slot.read(), tf.float32)
+                dist = dist + tf.reduce_sum(tf.square(value - slot.z.value))
+                norm = norm + tf.reduce_sum(tf.square(value))
+        return dist / tf.maximum(norm, 1e-12)
+
+    def support_multipliers(self):
+        """`[(variable, multiplier)]`: 0/1 tensors (broadcastable to the variable) of Z's support.
+
+        `variable * multiplier` is the hard prune of the current masks (the
+        channels outside Z's support at zero), on every regularised weight.
+        """
+        out = {}
+        for (_, _, slots), mask in zip(self._groups, self._masks, strict=True):
+            for slot in slots:
+                per_entry = tf.repeat(mask.value, slot.repeat)
+                if slot.full:
+                    vector = per_entry
+                else:
+                    n = int(slot.variable.shape[slot.axis])
+                    vector = tf.tensor_scatter_nd_update(
+                        tf.ones([n], tf.float32), tf.reshape(tf.cast(slot.indices, tf.int64), (-1, 1)), per_entry
+                    )
+                shape = [1] * len(slot.variable.shape)
+                shape[slot.axis] = -1
+                multiplier = tf.reshape(vector, shape)
+                key = id(slot.variable)
+                if key in out:
+                    multiplier = out[key][1] * multiplier
+                out[key] = (slot.variable, multiplier)
+        return list(out.values())
+
     def on_train_step_end(self, iterations):
         """Records the step; every `update_every` steps updates ρ, Z and U (graph-safe).
 

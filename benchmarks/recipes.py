@@ -1,0 +1,247 @@
+"""The recipes table: every registered method under the KDP table's protocol.
+
+One protocol for every recipe, so one table compares them all:
+
+- teacher: resnet32 (width 16) trained 10 epochs on all 60 k Fashion-MNIST
+  training images (`benchmarks.common.get_teacher`, cached; the same teacher
+  as `benchmarks.kdp --teacher-epochs 10`);
+- budget: 51 % MAC reduction (`make_plan` lands within 2 % of it; the KDP
+  table's target);
+- the same total number of epochs for every method (4 by default: e.g. kdp's
+  2 ADMM + 2 fine-tune; a method's own phases share those 4);
+- all 60 k training images (augmented), batch 128, peak LR 0.05;
+- `ddsl`, which meta-learns on a validation split, gets the last 5 000
+  training images, un-augmented, as `val_data`: a split that is *also
+  trained on* (the protocol trains every method on all 60 k), never the test
+  set; `mskd` carves its own held-out batches from the training stream (see
+  `tfkdp.methods.mskd`); the other methods get no validation data;
+- ≥ 2 seeds; test accuracy on the 10 k test images after each method's own
+  batch-norm re-estimation.
+
+Results are merged into `benchmarks/results/recipes.json` (a method/seed
+re-run replaces its entry) and written after every run, so a long run stopped
+early keeps what finished; `recipes.md` holds the table with the KDP table's
+rows (`kdp_t10.json`) for the methods this script has not re-run.
+
+    flock /tmp/tfkdp-bench.lock .venv/bin/python -m benchmarks.recipes --methods pdc mskd
+
+Writes benchmarks/results/recipes.json and recipes.md.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks import common  # noqa: E402
+from tfkdp import data, methods, metrics  # noqa: E402
+from tfkdp.train.phases import Training  # noqa: E402
+
+RESULTS = os.path.join(common.RESULTS_DIR, "recipes.json")
+TABLE = os.path.join(common.RESULTS_DIR, "recipes.md")
+KDP_TABLE = os.path.join(common.RESULTS_DIR, "kdp_t10.json")
+VAL_IMAGES = 5000
+NEEDS_VALIDATION = ("ddsl",)  # mskd carves its own held-out batches from the training data
+
+
+# Rows that are a registered method with other options: {row name: (method, options)}.
+VARIANTS = {
+    # MS-KD's baseline: KD of the plain L1 candidate, same step budget, no selection.
+    "mskd_l1": ("mskd", {"criteria": ["l1"], "allocations": ["global"], "top_k": 1}),
+}
+# Methods that train all epochs in their first phase (no separate fine-tune phase).
+ONE_PHASE = ("pdc", "mskd")
+
+
+def method_of(row):
+    """`(registered method name, extra options)` of a table row name."""
+    return VARIANTS.get(row, (row, {}))
+
+
+def method_options(row, epochs, learning_rate):
+    """The options of the row `row` under the protocol (`epochs` in total)."""
+    name, extra = method_of(row)
+    training = Training(learning_rate=learning_rate, verbose=2)
+    first = epochs if name in ONE_PHASE else epochs // 2
+    options = {"admm_epochs": first, "finetune_epochs": epochs - first, "training": training}
+    if name == "ddsl":
+        options["dean_every"] = 10
+    return {**options, **extra}
+
+
+def _parse():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--methods", nargs="+", required=True,
+                        help=f"registered methods ({methods.names()}) or {list(VARIANTS)}")  # fmt: skip
+    parser.add_argument("--target", type=float, default=0.51, help="MAC reduction target")
+    parser.add_argument("--teacher-epochs", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=4, help="total epochs per method")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--learning-rate", type=float, default=0.05)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--train-subset", type=int, default=0, help="training images (0 = all)")
+    args = parser.parse_args()
+    for row in args.methods:
+        methods.get_class(method_of(row)[0])  # an unknown name fails now, listing the valid ones
+    return args
+
+
+def _validation(batch_size, train_subset):
+    (x_train, y_train), _ = common.load_fashion_mnist_arrays()
+    if train_subset:
+        x_train, y_train = x_train[:train_subset], y_train[:train_subset]
+    count = min(VAL_IMAGES, len(x_train) // 10)
+    return data.make_dataset(x_train[-count:], y_train[-count:], batch_size)
+
+
+def _jsonable(value):
+    """The parts of a method's record that are plain JSON (long lists shortened)."""
+    try:
+        json.dumps(value)
+    except TypeError:
+        return str(value)
+    if isinstance(value, list) and len(value) > 50:
+        return value[:: max(1, len(value) // 50)]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def run_one(row, teacher, args, seed):
+    """Compresses a copy of `teacher` as the row `row` says; returns the row's numbers."""
+    keras.utils.set_random_seed(seed)
+    name = method_of(row)[0]
+    train, _ = common.datasets(args.batch_size, seed, args.train_subset or None)
+    val = _validation(args.batch_size, args.train_subset) if name in NEEDS_VALIDATION else None
+    method = methods.get(name, **method_options(row, args.epochs, args.learning_rate))
+    budget = methods.Budget.macs(args.target) if method.prunes else None
+    start = time.time()
+    result = method.compress(teacher, None, train, val, budget)
+    seconds = time.time() - start
+    teacher_macs = metrics.count_macs(teacher)
+    row = {
+        "test_accuracy": common.test_accuracy(result.model),
+        "macs": metrics.count_macs(result.model),
+        "params": metrics.count_params(result.model),
+        "nonzero_params": int(sum(np.count_nonzero(w) for w in result.model.get_weights())),
+        "train_seconds": round(seconds, 1),
+        "method": name,
+        "options": {k: v for k, v in method.get_config().items() if k != "training"},
+        "record": _jsonable({k: v for k, v in result.record.items() if k != "channels"}),
+    }
+    row["macs_reduction"] = 1.0 - row["macs"] / teacher_macs
+    keras.backend.clear_session()
+    return row
+
+
+def _load(path):
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def summarise(results):
+    """`{method: mean/per-seed summary}` of the stored runs."""
+    summary = {}
+    for name, runs in results.get("runs", {}).items():
+        seeds = sorted(runs, key=int)
+        accs = [runs[s]["test_accuracy"] for s in seeds]
+        first = runs[seeds[0]]
+        summary[name] = {
+            "test_accuracy_mean": statistics.fmean(accs),
+            "test_accuracy_per_seed": accs,
+            "seeds": [int(s) for s in seeds],
+            "train_seconds_mean": round(statistics.fmean(runs[s]["train_seconds"] for s in seeds), 1),
+            **{k: first[k] for k in ("macs", "params", "nonzero_params", "macs_reduction")},
+        }
+    return summary
+
+
+def table(results):
+    """The Markdown table: this script's rows, then the KDP table's rows not re-run here."""
+    summary = summarise(results)
+    kdp_table = _load(KDP_TABLE)
+    rows = []
+    teacher = results.get("teacher") or kdp_table.get("teacher")
+    if teacher:
+        rows.append({
+            "method": "teacher (resnet32)", "test acc (mean)": round(100 * teacher["test_accuracy"], 2),
+            "per seed": "-", "MACs (M)": round(teacher["macs"] / 1e6, 2), "MAC reduction": 0.0,
+            "params (k)": round(teacher["params"] / 1e3, 1), "train s (mean)": "-", "source": "-",
+        })  # fmt: skip
+    for name in ("prune_only", "kd_only", "kdp"):
+        if name in summary or name not in kdp_table:
+            continue
+        r = kdp_table[name]
+        rows.append({
+            "method": name, "test acc (mean)": round(100 * r["test_accuracy_mean"], 2),
+            "per seed": " / ".join(f"{100 * a:.2f}" for a in r["test_accuracy_per_seed"]),
+            "MACs (M)": round(r["macs"] / 1e6, 2), "MAC reduction": round(r["macs_reduction"], 3),
+            "params (k)": round(r["params"] / 1e3, 1), "train s (mean)": r["train_seconds_mean"],
+            "source": "kdp_t10.json",
+        })  # fmt: skip
+    for name, r in summary.items():
+        rows.append({
+            "method": name, "test acc (mean)": round(100 * r["test_accuracy_mean"], 2),
+            "per seed": " / ".join(f"{100 * a:.2f}" for a in r["test_accuracy_per_seed"]),
+            "MACs (M)": round(r["macs"] / 1e6, 2), "MAC reduction": round(r["macs_reduction"], 3),
+            "params (k)": round(r["params"] / 1e3, 1), "train s (mean)": r["train_seconds_mean"],
+            "source": "recipes.json",
+        })  # fmt: skip
+    return common.markdown_table(rows, list(rows[0])) if rows else ""
+
+
+def main():
+    args = _parse()
+    command = " ".join(["flock /tmp/tfkdp-bench.lock .venv/bin/python -m benchmarks.recipes",
+                        *sys.argv[1:]])  # fmt: skip
+    keras.utils.set_random_seed(args.seeds[0])
+    teacher, info = common.get_teacher(epochs=args.teacher_epochs)
+    results = _load(RESULTS)
+    results.setdefault("runs", {})
+    results["teacher"] = {
+        "test_accuracy": common.test_accuracy(teacher), "macs": metrics.count_macs(teacher),
+        "params": metrics.count_params(teacher), "epochs": info["epochs"],
+    }  # fmt: skip
+    results["setup"] = {
+        "target_macs_reduction": args.target, "epochs_per_method": args.epochs,
+        "batch_size": args.batch_size, "learning_rate": args.learning_rate,
+        "train_images": args.train_subset or 60000,
+        "validation": f"last {VAL_IMAGES} training images, un-augmented (also trained on), "
+                      f"for {list(NEEDS_VALIDATION)}",
+        "cpu": common.cpu_name(), "cpu_cores": os.cpu_count(),
+    }  # fmt: skip
+    results.setdefault("commands", [])
+    if command not in results["commands"]:
+        results["commands"].append(command)
+    for seed in args.seeds:
+        for name in args.methods:
+            row = run_one(name, teacher, args, seed)
+            print(f"seed {seed} ({name}): acc {row['test_accuracy']:.4f}, MAC reduction "
+                  f"{row['macs_reduction']:.3f}, {row['train_seconds']:.0f} s", flush=True)  # fmt: skip
+            results["runs"].setdefault(name, {})[str(seed)] = row
+            results["summary"] = summarise(results)
+            common.write_json(RESULTS, results)
+            text = (
+                "## Recipes on the KDP protocol (resnet32 teacher, Fashion-MNIST)\n\n"
+                f"Commands: {'; '.join(f'`{c}`' for c in results['commands'])}. "
+                f"{results['setup']['train_images']} training images, {args.epochs} epochs per "
+                f"method, batch {args.batch_size}, peak LR {args.learning_rate}, target MAC "
+                f"reduction {args.target}; validation for {list(NEEDS_VALIDATION)}: "
+                f"{results['setup']['validation']}. CPU: {results['setup']['cpu']}.\n\n"
+                f"{table(results)}\n"
+            )
+            common.write_text(TABLE, text)
+            print(text, flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,290 @@
+"""PDC: teacher-guided clustering of filters, then exact channel merging (no fine-tune).
+
+`pdc` (class `PDC`) runs, as a short sequence of phases:
+
+1. **budget**: `make_plan` turns the MAC (or parameter) budget into a number
+   of channels to keep per group (global, MAC-aware allocation, `round_to`);
+2. **clusters**: each group's channels are split into that many clusters by
+   k-means (scikit-learn, seeded) on everything a channel owns across the
+   group's coupled producers (`tfkdp.pruning.clustering`);
+3. **centripetal KD** (`admm_epochs`): the student is distilled from the
+   teacher while C-SGD's gradient rule (`tfkdp.pruning.sparsity.centripetal`)
+   drives each cluster's members together; the largest intra-cluster
+   distance is logged per epoch (`pdc_distance`);
+4. **hard average** (`finetune`): each cluster's members are replaced by
+   their mean, batch-norm statistics are re-estimated (no weight is
+   trained), and the accuracy is recorded before and after the merge;
+5. **merge** (`finalize`): one channel per cluster, the consumers' input
+   slices summed (`tfkdp.merge_channels`): exactly the hard-averaged model.
+
+There is no fine-tune phase: `finetune_epochs` must be 0.
+
+Which part comes from where: PDC (the paper) gives the idea: the teacher
+guides a clustering of the filters, clusters are removed by channel
+addition, no fine-tuning. Its loss, ε schedule and cluster-count allocation
+are not public. C-SGD gives the k-means clustering, the update rule (cluster
+gradient mean + ε pull, 0.1·ε for batch norm) and the merge. Ours: counts per
+group from our MAC-aware allocation, clustering on all coupled producers'
+slices, KD loss = the house soft-target KD, a constant ε, decoupled weight
+decay kept, batch-norm re-estimation after the hard average.
+
+Reference:
+    Niu, Teng, Jin, Zou, Liu, "Pruning-and-distillation: One-stage joint
+    compression framework for CNNs via clustering", Image and Vision
+    Computing 2023, 104743; Ding et al., "Centripetal SGD for Pruning Very
+    Deep Convolutional Networks with Complicated Structure", CVPR 2019.
+"""
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+from absl import logging
+
+from tfkdp import checks
+from tfkdp.methods.base import Pruned, Recipe, register
+from tfkdp.train import phases
+
+__all__ = ["PDC"]
+
+_STATE_FILE = "pdc_state.json"
+
+
+@register
+class PDC(Recipe):
+    """Teacher-guided centripetal clustering, then exact merging (see the module docstring).
+
+    Args:
+        epsilon: strength ε of the centripetal pull (C-SGD: 3e-3), > 0.
+        bn_factor: ε multiplier for batch-norm γ/β (C-SGD: 0.1).
+        seed: k-means seed.
+        **kwargs: the shared options (`admm_epochs` = centripetal KD epochs,
+            >= 1; `finetune_epochs` must be 0; `criterion` is unused beyond
+            the plan it makes; `allocation`, `min_channels`, `round_to`,
+            `training`).
+
+    Raises:
+        ValueError: for `finetune_epochs` other than 0 or bad options.
+
+    Example:
+        >>> from tfkdp import methods
+        >>> pdc = methods.get("pdc", admm_epochs=2, epsilon=3e-3)
+        >>> pdc.get_config()["epsilon"]
+        0.003
+
+    Reference:
+        Niu et al., "Pruning-and-distillation: One-stage joint compression
+        framework for CNNs via clustering", Image and Vision Computing 2023.
+    """
+
+    name = "pdc"
+    first_phase_minimum = 1
+
+    def __init__(self, epsilon=3e-3, bn_factor=0.1, seed=0, **kwargs):
+        kwargs.setdefault("finetune_epochs", 0)
+        if kwargs["finetune_epochs"] != 0:
+            raise ValueError(
+                "pdc has no fine-tune phase (the merge is exact); received "
+                f"finetune_epochs={kwargs['finetune_epochs']!r}: put the epochs into admm_epochs"
+            )
+        super().__init__(**kwargs)
+        self.epsilon = checks.check_number("epsilon", epsilon, 0, strict=True)
+        self.bn_factor = checks.check_number("bn_factor", bn_factor, 0)
+        self.seed = checks.check_int("seed", seed, 0)
+
+    @classmethod
+    def pipeline_options(cls, flags, training):
+        """The shared options, `finetune_epochs=0` and `epsilon` from `--pdc_epsilon`."""
+        options = super().pipeline_options(flags, training)
+        if options["finetune_epochs"]:
+            logging.info(
+                "pdc: --finetune_epochs=%d ignored (no fine-tune phase)", options["finetune_epochs"]
+            )
+        options["finetune_epochs"] = 0
+        options["epsilon"] = flags["pdc_epsilon"]
+        return options
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(epsilon=self.epsilon, bn_factor=self.bn_factor, seed=self.seed)
+        return config
+
+    # -- resumable state -------------------------------------------------------
+    def _state_path(self):
+        return None if self.state_dir is None else os.path.join(self.state_dir, _STATE_FILE)
+
+    def _load_state(self):
+        path = self._state_path()
+        if path is None or not os.path.exists(path):
+            return None
+        with open(path) as f:
+            return json.load(f)
+
+    def _save_state(self, state):
+        path = self._state_path()
+        if path is None:
+            return
+        os.makedirs(self.state_dir, exist_ok=True)
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(state, f)
+        os.replace(tmp, path)
+
+    def _callbacks(self, student, clusters, state):
+        """The distance monitor, and (with a `state_dir`) a checkpoint per epoch."""
+        import keras
+
+        from tfkdp.pruning.sparsity.centripetal import CentripetalMonitor
+
+        monitor = CentripetalMonitor(student, clusters, state.get("curve"))
+        callbacks = [monitor]
+        if self.state_dir is not None:
+            method = self
+
+            class _SaveCurve(keras.callbacks.Callback):
+                def on_epoch_end(self, epoch, logs=None):
+                    method._save_state(dict(state, curve=monitor.curve))
+
+            backup = keras.callbacks.BackupAndRestore(os.path.join(self.state_dir, "backup"))
+            callbacks = [backup, monitor, _SaveCurve()]
+        return monitor, callbacks
+
+    # -- the method's steps ------------------------------------------------------
+    def prune(self, teacher, student, train_data, val_data, budget):
+        """Clusters the channels and runs the centripetal KD phase; returns a `Pruned`.
+
+        `Pruned.model` is the trained student (not yet averaged); `plan` keeps
+        each cluster's representative; `record["clusters"]` holds the
+        clustering and `record["pdc_distance"]` the distance curve (before
+        training, then per epoch).
+
+        With a `state_dir` (the pipeline's), the clustering and the curve are
+        saved there and the phase checkpoints each epoch
+        (`keras.callbacks.BackupAndRestore`): a killed run resumes at the
+        last finished epoch with the same clusters.
+        """
+        from tfkdp.pruning.analysis import channel_groups
+        from tfkdp.pruning.clustering import cluster_channels, cluster_plan, validate_clusters
+        from tfkdp.pruning.sparsity.centripetal import Centripetal
+
+        if teacher is None:
+            raise ValueError("method='pdc' needs a teacher; received teacher=None")
+        groups = channel_groups(student)
+        state = self._load_state()
+        if state is not None:
+            clusters = validate_clusters(student, state["clusters"])
+            logging.info("pdc: resuming with the saved clusters of %d groups", len(clusters))
+        else:
+            plan = self.make_plan(student, groups, budget, train_data)
+            counts = {gid: len(keep) for gid, keep in plan.items()}
+            clusters = cluster_channels(student, counts, seed=self.seed)
+            state = {"clusters": clusters}
+            self._save_state(state)
+        plan = cluster_plan(clusters)
+        rule = Centripetal(student, clusters, epsilon=self.epsilon, bn_factor=self.bn_factor)
+        monitor, callbacks = self._callbacks(student, clusters, state)
+        training = dataclasses.replace(
+            self.training, callbacks=(*callbacks, *self.training.callbacks)
+        )
+        history = phases.distill(
+            teacher, student, train_data, val_data, self.admm_epochs, training,
+            "pdc centripetal phase", sparsity=rule,
+        )  # fmt: skip
+        record = self.record(student, budget, groups, plan, {"centripetal": self.admm_epochs})
+        record["clusters"] = clusters
+        record["pdc_distance"] = [float(v) for v in monitor.curve]
+        return Pruned(student, plan, {"centripetal": history}, record)
+
+    def finetune(self, teacher, pruned, train_data, val_data):
+        """Hard-averages each cluster and re-estimates batch norms (no training).
+
+        Records the accuracy (on `val_data`, else `train_data`) after the
+        centripetal phase, after the hard average, and just before and
+        after the merge (`record["accuracy"]`) and the merged model's
+        largest difference from the hard-averaged one.
+        """
+        from tfkdp.pruning.surgery import hard_average, merge_channels
+
+        clusters = pruned.record["clusters"]
+        data = val_data if val_data is not None else train_data
+        accuracy = {"after_centripetal": _accuracy(pruned.model, data)}
+        averaged = hard_average(pruned.model, clusters)
+        accuracy["after_hard_average"] = _accuracy(averaged, data)
+        phases.recalibrate(averaged, train_data, self.training)
+        merged = merge_channels(averaged, clusters)
+        accuracy["before_merge"] = _accuracy(averaged, data)
+        accuracy["after_merge"] = _accuracy(merged, data)
+        accuracy["data"] = "val" if val_data is not None else "train"
+        pruned.record["accuracy"] = accuracy
+        pruned.record["merge_max_abs_diff"] = _max_diff(averaged, merged, data)
+        return Pruned(averaged, pruned.plan, pruned.history, pruned.record)
+
+    def finalize(self, pruned):
+        """The merged model (`merge_channels` of the clusters in `pruned.record`)."""
+        from tfkdp.pruning.surgery import merge_channels
+
+        return merge_channels(pruned.model, pruned.record["clusters"])
+
+    def report(self, record, out_dir):
+        """The intra-cluster distance curve (PNG) and the accuracies around the merge."""
+        curve = record.get("pdc_distance") or []
+        plots = {}
+        if curve:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            from matplotlib import pyplot as plt
+
+            fig, ax = plt.subplots(figsize=(5, 3.2))
+            ax.plot(range(len(curve)), curve, marker="o")
+            ax.set_xlabel("epoch of centripetal KD (0 = clustering)")
+            ax.set_ylabel("max ‖Wⱼ − W̄‖ / ‖W‖ in a cluster")
+            ax.set_yscale("log" if min(curve) > 0 else "linear")
+            ax.set_title("PDC: intra-cluster distance")
+            fig.tight_layout()
+            path = os.path.join(out_dir, "pdc_distance.png")
+            fig.savefig(path, dpi=100)
+            plt.close(fig)
+            plots["pdc_distance"] = path
+        lines = ["### PDC", ""]
+        if curve:
+            lines.append(
+                f"Largest intra-cluster distance (relative): {curve[0]:.3g} at clustering → "
+                f"{curve[-1]:.3g} after {len(curve) - 1} epochs of centripetal KD."
+            )
+        accuracy = record.get("accuracy") or {}
+        if accuracy:
+            lines += [
+                "", f"| accuracy ({accuracy.get('data', '')}) | value |", "|---|---|",
+                *(f"| {k.replace('_', ' ')} | {v:.4f} |" for k, v in accuracy.items() if k != "data"),
+            ]  # fmt: skip
+        if "merge_max_abs_diff" in record:
+            lines.append(f"\nMerged vs hard-averaged model: max |Δ logit| = "
+                         f"{record['merge_max_abs_diff']:.3g}.")  # fmt: skip
+        return {"markdown": "\n".join(lines) + "\n", "plots": plots}
+
+
+def _batches(data, limit=None):
+    for i, batch in enumerate(data):
+        if limit is not None and i >= limit:
+            return
+        yield batch[0], batch[1]
+
+
+def _accuracy(model, data):
+    """Top-1 accuracy of a logits model over a batched dataset of `(x, y)`."""
+    correct = total = 0
+    for x, y in _batches(data):
+        logits = np.asarray(model(x, training=False))
+        correct += int(np.sum(np.argmax(logits, axis=-1) == np.asarray(y).reshape(-1)))
+        total += int(np.asarray(y).size)
+    return correct / max(1, total)
+
+
+def _max_diff(a, b, data, batches=4):
+    worst = 0.0
+    for x, _ in _batches(data, batches):
+        worst = max(worst, float(np.max(np.abs(np.asarray(a(x, training=False))
+                                               - np.asarray(b(x, training=False))))))  # fmt: skip
+    return worst
