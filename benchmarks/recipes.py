@@ -177,24 +177,15 @@ def table(results):
             "per seed": "-", "MACs (M)": round(teacher["macs"] / 1e6, 2), "MAC reduction": 0.0,
             "params (k)": round(teacher["params"] / 1e3, 1), "train s (mean)": "-", "source": "-",
         })  # fmt: skip
-    for name in ("prune_only", "kd_only", "kdp"):
-        if name in summary or name not in kdp_table:
-            continue
-        r = kdp_table[name]
+    earlier = [(n, kdp_table[n], "kdp_t10.json") for n in ("prune_only", "kd_only", "kdp")
+               if n in kdp_table and n not in summary]  # fmt: skip
+    for name, r, source in earlier + [(n, r, "recipes.json") for n, r in summary.items()]:
         rows.append({
             "method": name, "test acc (mean)": round(100 * r["test_accuracy_mean"], 2),
             "per seed": " / ".join(f"{100 * a:.2f}" for a in r["test_accuracy_per_seed"]),
             "MACs (M)": round(r["macs"] / 1e6, 2), "MAC reduction": round(r["macs_reduction"], 3),
             "params (k)": round(r["params"] / 1e3, 1), "train s (mean)": r["train_seconds_mean"],
-            "source": "kdp_t10.json",
-        })  # fmt: skip
-    for name, r in summary.items():
-        rows.append({
-            "method": name, "test acc (mean)": round(100 * r["test_accuracy_mean"], 2),
-            "per seed": " / ".join(f"{100 * a:.2f}" for a in r["test_accuracy_per_seed"]),
-            "MACs (M)": round(r["macs"] / 1e6, 2), "MAC reduction": round(r["macs_reduction"], 3),
-            "params (k)": round(r["params"] / 1e3, 1), "train s (mean)": r["train_seconds_mean"],
-            "source": "recipes.json",
+            "source": source,
         })  # fmt: skip
     return common.markdown_table(rows, list(rows[0])) if rows else ""
 

@@ -29,8 +29,13 @@ def test_recipe_pipeline_options_map_the_shared_flags():
                        "training": None}  # fmt: skip
 
 
-def test_pipeline_runs_a_method_through_its_hooks(tmp_path):
-    """A registered method gets its options, a resumable state folder and its report section."""
+def test_pipeline_gives_the_method_its_options_state_dir_and_report_section(tmp_path):
+    """`workflow._method` builds the method from its hook and sets `state_dir`; the report
+    merges the method's section and plots (the recipes' pipeline tests run it end to end)."""
+    from types import SimpleNamespace
+
+    from tfkdp.pipelines import report as report_lib
+
     seen = {}
 
     @methods.register
@@ -44,32 +49,30 @@ def test_pipeline_runs_a_method_through_its_hooks(tmp_path):
             options["admm_epochs"] = 1  # its own mapping of the flags
             return options
 
-        def prune(self, teacher, student, train_data, val_data, budget):
-            seen["state_dir"] = self.state_dir
-            with open(os.path.join(self.state_dir, "progress.json"), "w") as f:
-                f.write("{}")
-            return super().prune(teacher, student, train_data, val_data, budget)
-
-        def report(self, record, out_dir):
-            path = os.path.join(out_dir, "hooked.png")
-            with open(path, "wb") as f:
-                f.write(b"\x89PNG\r\n\x1a\n")
-            return {"markdown": f"## hooked\n\nphases: {record['phases']}", "plots": {"hooked": path}}
-
     try:
-        values = _values(tmp_path, method="test_hooked", compress_epochs=1, finetune_epochs=0,
-                         formats=["tflite"], temperature=3.0)  # fmt: skip
-        out = values["output_dir"]
-        markdown = workflow.run(values)
+        values = _values(tmp_path, method="test_hooked", temperature=3.0)
+        runner = SimpleNamespace(output_dir=str(tmp_path / "out"))
+        method = workflow._method(SimpleNamespace(flags=values, runner=runner), "compress")
+        assert isinstance(method, Hooked) and method.admm_epochs == 1
         assert seen["temperature"] == 3.0
-        assert seen["state_dir"] == os.path.join(os.path.abspath(out), RESUME_DIR, "compress")
-        # the stage finished: its resumable state is gone
-        assert not os.path.exists(seen["state_dir"])
-        assert "## hooked\n\nphases: {'kd': 1}" in markdown
-        with open(os.path.join(out, "report.json")) as f:
-            report = json.load(f)
-        assert report["method_report"]["plots"] == {"hooked": "hooked.png"}
-        assert report["plots"]["hooked"] == "hooked.png"
-        assert os.path.exists(os.path.join(out, "hooked.png"))
+        assert method.state_dir == os.path.join(runner.output_dir, RESUME_DIR, "compress")
+        assert os.path.isdir(method.state_dir)
     finally:
         methods.base._REGISTRY.pop("test_hooked", None)
+
+    out_dir = tmp_path / "report"
+    out_dir.mkdir()
+    plot = out_dir / "hooked.png"
+    plot.write_bytes(b"\x89PNG\r\n\x1a\n")
+    report = {
+        "teacher": {"accuracy": 0.9, "macs": 100, "params": 10},
+        "student": {"accuracy": 0.8, "macs": 50, "params": 5},
+        "artifacts": [], "stages": {}, "flags": {"method": "test_hooked"},
+        "method_report": {"markdown": "## hooked\n\nsection", "plots": {"hooked": str(plot)}},
+    }  # fmt: skip
+    markdown = report_lib.write(report, str(out_dir))
+    assert "## hooked\n\nsection" in markdown
+    with open(out_dir / "report.json") as f:
+        written = json.load(f)
+    assert written["method_report"]["plots"] == {"hooked": "hooked.png"}
+    assert written["plots"]["hooked"] == "hooked.png"

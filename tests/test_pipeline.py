@@ -41,6 +41,11 @@ def _values(tmp_path, **overrides):
         "formats": ["tflite", "onnx"], "threads": ["1"], "verify_samples": 32,
         "latency_repeat": 5, "seed": 0, "strategy": "default",
         "output_dir": str(tmp_path / "out"),
+        # the method flags' defaults (pipelines/compress.py)
+        "dean_every": 10, "dean_lr": 0.05, "dean_distill_max": 2.0, "dean_sparsity_max": 2.0,
+        "mskd_criteria": ["l1", "l2", "bn_gamma", "taylor", "fpgm", "hessian"],
+        "mskd_allocations": ["global", "uniform"], "mskd_top_k": 3, "mskd_select_steps": 0,
+        "pdc_epsilon": 3e-3, "weight_order": "sequential", "target_sparsity": 0.5,
     }
     values.update(overrides)
     return values

@@ -353,13 +353,7 @@ class Recipe(Method):
         self.onednn_guard = checks.check_choice(
             "onednn_guard", onednn_guard, ("auto", "keep", "raise", "off")
         )
-        if training is None:
-            training = Training()
-        elif isinstance(training, dict):
-            training = Training(**training)
-        if not isinstance(training, Training):
-            raise ValueError(f"training must be a Training or a dict; received {training!r}")
-        self.training = training
+        self.training = Training.of(training)
 
     @classmethod
     def pipeline_options(cls, flags, training):

@@ -23,7 +23,6 @@ Reference:
     one-step look-ahead.
 """
 
-import math
 import os
 
 from tfkdp import checks
@@ -111,8 +110,6 @@ class DDSL(KDP):
 
         from tfkdp.distill import dean as dean_lib
         from tfkdp.pruning.analysis import channel_groups
-        from tfkdp.pruning.sparsity import admm as admm_lib
-        from tfkdp.pruning.sparsity import schedules
         from tfkdp.train import recipe
 
         if teacher is None:
@@ -125,18 +122,7 @@ class DDSL(KDP):
         groups = channel_groups(student)
         plan = self.make_plan(student, groups, budget, train_data)
         steps = recipe.steps_in(train_data) * self.admm_epochs
-        keep = {gid: len(indices) for gid, indices in plan.items()}
-        sizes = {g.id: g.size for g in groups}
-        removed = sum(sizes[g] - k for g, k in keep.items())
-        target_sparsity = removed / max(1, sum(sizes[g] for g in keep))
-        sparsity_schedule = schedules.PolynomialDecay(
-            0.0, target_sparsity, begin_step=0,
-            end_step=max(1, int(math.ceil(self.sparsity_ramp * steps))), frequency=self.update_every,
-        )  # fmt: skip
-        admm = admm_lib.ADMM(
-            student, keep, sparsity_schedule=sparsity_schedule, rho=self._rho(steps),
-            update_every=self.update_every, groups=groups,
-        )  # fmt: skip
+        admm = self.admm_term(student, groups, plan, steps)
         losses = self.training.distillation_losses
         temperature = getattr(losses[0], "temperature", 1.0) if losses else 4.0
         dean = dean_lib.Dean(

@@ -104,17 +104,18 @@ class KDP(Recipe):
             self.rho_initial, max(1.0, multiplier), self.update_every, self.rho_final
         )
 
-    def prune(self, teacher, student, train_data, val_data, budget):
-        from tfkdp.pruning.analysis import channel_groups
+    def admm_term(self, student, groups, plan, steps):
+        """The ADMM sparsity term of the first phase: keep counts of `plan`, ramped sparsity.
+
+        Args:
+            student: the model being pruned.
+            groups: its channel groups.
+            plan: the budget's `PruningPlan` (only its keep counts are used).
+            steps: optimizer steps of the ADMM phase.
+        """
         from tfkdp.pruning.sparsity import admm as admm_lib
         from tfkdp.pruning.sparsity import schedules
-        from tfkdp.train import recipe
 
-        if teacher is None:
-            raise ValueError("method='kdp' needs a teacher; received teacher=None")
-        groups = channel_groups(student)
-        plan = self.make_plan(student, groups, budget, train_data)
-        steps = recipe.steps_in(train_data) * self.admm_epochs
         keep = {gid: len(indices) for gid, indices in plan.items()}
         sizes = {g.id: g.size for g in groups}
         removed = sum(sizes[g] - k for g, k in keep.items())
@@ -123,10 +124,21 @@ class KDP(Recipe):
             0.0, target_sparsity, begin_step=0,
             end_step=max(1, int(math.ceil(self.sparsity_ramp * steps))), frequency=self.update_every,
         )  # fmt: skip
-        admm = admm_lib.ADMM(
+        return admm_lib.ADMM(
             student, keep, sparsity_schedule=sparsity_schedule, rho=self._rho(steps),
             update_every=self.update_every, groups=groups,
         )  # fmt: skip
+
+    def prune(self, teacher, student, train_data, val_data, budget):
+        from tfkdp.pruning.analysis import channel_groups
+        from tfkdp.train import recipe
+
+        if teacher is None:
+            raise ValueError("method='kdp' needs a teacher; received teacher=None")
+        groups = channel_groups(student)
+        plan = self.make_plan(student, groups, budget, train_data)
+        steps = recipe.steps_in(train_data) * self.admm_epochs
+        admm = self.admm_term(student, groups, plan, steps)
         history = phases.distill(
             teacher, student, train_data, val_data, self.admm_epochs, self.training,
             "kdp ADMM phase", sparsity=admm,

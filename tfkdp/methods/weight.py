@@ -121,13 +121,7 @@ class WeightPruning(Method):
         if not isinstance(prune_with_kd, bool):
             raise ValueError(f"prune_with_kd must be a bool; received prune_with_kd={prune_with_kd!r}")
         self.prune_with_kd = prune_with_kd
-        if training is None:
-            training = Training()
-        elif isinstance(training, dict):
-            training = Training(**training)
-        if not isinstance(training, Training):
-            raise ValueError(f"training must be a Training or a dict; received {training!r}")
-        self.training = training
+        self.training = Training.of(training)
 
     @classmethod
     def pipeline_options(cls, flags, training):

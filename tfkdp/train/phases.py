@@ -70,6 +70,21 @@ class Training:
         checks.check_int("steps_per_execution", self.steps_per_execution, 1)
         checks.check_int("recalibrate_bn", self.recalibrate_bn, 0)
 
+    @classmethod
+    def of(cls, value):
+        """A `Training` from `None` (the defaults), a `Training` or a dict of its fields.
+
+        Raises:
+            ValueError: for anything else.
+        """
+        if value is None:
+            return cls()
+        if isinstance(value, dict):
+            return cls(**value)
+        if not isinstance(value, cls):
+            raise ValueError(f"training must be a Training or a dict; received {value!r}")
+        return value
+
     @property
     def finetune_lr(self):
         """The peak learning rate of fine-tune phases."""
