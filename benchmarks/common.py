@@ -21,6 +21,9 @@ from tfkdp.train import recipe as training
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CACHE_DIR = os.path.join(HERE, ".cache")
+# Teachers kept in the repository (trained here by `get_teacher`, then committed), so that
+# every session's recipe rows distil from the very same teacher.
+TEACHERS_DIR = os.path.join(HERE, "teachers")
 RESULTS_DIR = os.path.join(HERE, "results")
 
 _ARRAYS = {}
@@ -49,14 +52,22 @@ def test_accuracy(model):
 
 
 def get_teacher(name="resnet32", epochs=4, width=16, seed=0, learning_rate=0.1, batch_size=128):
-    """A teacher trained on real Fashion-MNIST, cached on disk.
+    """A teacher trained on real Fashion-MNIST: the repository's copy, else cached on disk.
+
+    `benchmarks/teachers/<stem>.keras` (with its `.json`) is used when present;
+    otherwise the teacher is trained once and cached under `benchmarks/.cache/`.
 
     Returns:
         `(model, info)` where info holds `test_accuracy`, `train_seconds`,
         `epochs`, `macs`, `params`.
     """
-    os.makedirs(CACHE_DIR, exist_ok=True)
     stem = f"{name}_w{width}_e{epochs}_s{seed}"
+    kept = os.path.join(TEACHERS_DIR, stem)
+    if os.path.exists(kept + ".keras") and os.path.exists(kept + ".json"):
+        with open(kept + ".json") as f:
+            info = json.load(f)
+        return keras.saving.load_model(kept + ".keras"), info
+    os.makedirs(CACHE_DIR, exist_ok=True)
     path = os.path.join(CACHE_DIR, stem + ".keras")
     info_path = os.path.join(CACHE_DIR, stem + ".json")
     with open(os.path.join(CACHE_DIR, stem + ".lock"), "w") as lock:
