@@ -26,7 +26,7 @@ Reference:
 import os
 
 from tfkdp import checks
-from tfkdp.methods.base import Pruned, register
+from tfkdp.methods.base import register
 from tfkdp.methods.kdp import KDP
 from tfkdp.train import phases
 
@@ -106,23 +106,19 @@ class DDSL(KDP):
         return config
 
     def prune(self, teacher, student, train_data, val_data, budget):
-        import functools
-
-        from tfkdp.distill import dean as dean_lib
-        from tfkdp.pruning.analysis import channel_groups
-        from tfkdp.train import recipe
-
-        if teacher is None:
-            raise ValueError("method='ddsl' needs a teacher; received teacher=None")
-        if val_data is None:
+        if teacher is not None and val_data is None:
             raise ValueError(
                 "method='ddsl' needs validation data (the dean's held-out batches); received "
                 "val_data=None. Pass a validation split of the training data (never the test set)"
             )
-        groups = channel_groups(student)
-        plan = self.make_plan(student, groups, budget, train_data)
-        steps = recipe.steps_in(train_data) * self.admm_epochs
-        admm = self.admm_term(student, groups, plan, steps)
+        return super().prune(teacher, student, train_data, val_data, budget)
+
+    def admm_phase(self, teacher, student, train_data, val_data, admm, steps):
+        """KDP's ADMM + KD phase with the dean setting the loss weights; records its trace."""
+        import functools
+
+        from tfkdp.distill import dean as dean_lib
+
         losses = self.training.distillation_losses
         temperature = getattr(losses[0], "temperature", 1.0) if losses else 4.0
         dean = dean_lib.Dean(
@@ -138,13 +134,7 @@ class DDSL(KDP):
             distiller_factory=functools.partial(dean_lib.DeanDistiller, dean=dean),
             callbacks=(dean_lib.ValidationBatch(dean, teacher, val_data), trace),
         )  # fmt: skip
-        plan = admm.sparsity_plan()
-        masked = phases.hard_prune(student, plan)
-        record = self.record(student, budget, groups, plan,
-                             {"admm": self.admm_epochs, "finetune": self.finetune_epochs})
-        record["admm_final_penalty"] = float(admm.penalty().numpy())
-        record["dean"] = trace.subsampled()
-        return Pruned(masked, plan, {"admm": history}, record)
+        return history, {"dean": trace.subsampled()}
 
     def report(self, record, out_dir):
         """`dean.png` (weights and attributes over the steps) and a short summary."""

@@ -134,21 +134,32 @@ class KDP(Recipe):
         from tfkdp.train import recipe
 
         if teacher is None:
-            raise ValueError("method='kdp' needs a teacher; received teacher=None")
+            raise ValueError(f"method={self.name!r} needs a teacher; received teacher=None")
         groups = channel_groups(student)
         plan = self.make_plan(student, groups, budget, train_data)
         steps = recipe.steps_in(train_data) * self.admm_epochs
         admm = self.admm_term(student, groups, plan, steps)
-        history = phases.distill(
-            teacher, student, train_data, val_data, self.admm_epochs, self.training,
-            "kdp ADMM phase", sparsity=admm,
-        )  # fmt: skip
+        history, extra_record = self.admm_phase(teacher, student, train_data, val_data, admm, steps)
         plan = admm.sparsity_plan()
         masked = phases.hard_prune(student, plan)
         record = self.record(student, budget, groups, plan,
                              {"admm": self.admm_epochs, "finetune": self.finetune_epochs})
         record["admm_final_penalty"] = float(admm.penalty().numpy())
+        record.update(extra_record)
         return Pruned(masked, plan, {"admm": history}, record)
+
+    def admm_phase(self, teacher, student, train_data, val_data, admm, steps):
+        """The ADMM + KD phase; returns `(History.history, extra record entries)`.
+
+        Args:
+            admm: the phase's ADMM term (`admm_term`).
+            steps: optimizer steps of the phase.
+        """
+        history = phases.distill(
+            teacher, student, train_data, val_data, self.admm_epochs, self.training,
+            f"{self.name} ADMM phase", sparsity=admm,
+        )  # fmt: skip
+        return history, {}
 
     def finetune(self, teacher, pruned, train_data, val_data):
         if self.finetune_epochs:
