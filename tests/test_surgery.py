@@ -290,7 +290,8 @@ def test_strip_channels_preserves_outputs_for_zoo_model(name):
     assert [layer.name for layer in stripped.layers] == [layer.name for layer in model.layers]
 
 
-@pytest.mark.parametrize(
+# keras.applications models at 32×32 (weights=None), for the strip and merge tests.
+KERAS_APPLICATIONS = pytest.mark.parametrize(
     "builder",
     [
         lambda: keras.applications.MobileNetV2(
@@ -303,6 +304,9 @@ def test_strip_channels_preserves_outputs_for_zoo_model(name):
     ],
     ids=["MobileNetV2", "ResNet50"],
 )  # fmt: skip
+
+
+@KERAS_APPLICATIONS
 def test_strip_channels_preserves_outputs_for_keras_applications(builder):
     model = builder()
     groups = channel_groups(model)
@@ -505,19 +509,7 @@ def test_merge_channels_of_identical_channels_is_exact_for_zoo_model(name):
     _check_merge_of_identical(models.get(name, **_zoo_kwargs(name)))
 
 
-@pytest.mark.parametrize(
-    "builder",
-    [
-        lambda: keras.applications.MobileNetV2(
-            input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=4,
-            classifier_activation=None,
-        ),
-        lambda: keras.applications.ResNet50(
-            input_shape=(32, 32, 3), weights=None, classes=4, classifier_activation=None
-        ),
-    ],
-    ids=["MobileNetV2", "ResNet50"],
-)  # fmt: skip
+@KERAS_APPLICATIONS
 def test_merge_channels_of_identical_channels_is_exact_for_keras_applications(builder):
     _check_merge_of_identical(builder(), fraction=0.75)
 
