@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tests.test_admm import _plain_net  # two convs and a Dense, no batch norm
 from tfkdp import data, methods, models, runtime
 from tfkdp.distill.dean import Dean, DeanDistiller, ValidationBatch
 from tfkdp.pruning.sparsity import admm as admm_lib
@@ -18,16 +19,6 @@ def _two_layer(name, seed, width=6):
     inputs = keras.Input((12, 12, 1))
     x = keras.layers.Flatten()(inputs)
     x = keras.layers.Dense(width, activation="tanh", name="hidden")(x)
-    return keras.Model(inputs, keras.layers.Dense(3, name="logits")(x), name=name)
-
-
-def _plain_net(name, seed):
-    """Two convs and a Dense, no batch norm: per-replica results equal one device's."""
-    keras.utils.set_random_seed(seed)
-    inputs = keras.Input((12, 12, 1))
-    x = keras.layers.Conv2D(6, 3, padding="same", activation="relu", name="conv1")(inputs)
-    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="conv2")(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
     return keras.Model(inputs, keras.layers.Dense(3, name="logits")(x), name=name)
 
 
