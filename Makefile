@@ -46,7 +46,7 @@ demo: data
 
 # Two pytest workers keep both cores busy (one TF process alone uses ~70 % of two cores).
 test: $(DEV_STAMP)
-	$(PY) -m pytest -q -n 2
+	$(PY) -m pytest -q -n 2 --durations=25
 
 lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check .

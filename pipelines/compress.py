@@ -78,6 +78,13 @@ flags.DEFINE_enum(
     "weight: KD → prune → KD fine-tune (sequential) or prune during KD (joint).",
 )
 flags.DEFINE_float("target_sparsity", 0.5, "weight: share of the prunable weights set to zero.")
+flags.DEFINE_integer(
+    "cascade_num_tas", 1, "cascade: teaching assistants between the student and the unpruned model."
+)
+flags.DEFINE_list(
+    "cascade_levels", [], "cascade: MAC reductions of the TAs (default: evenly spaced below the budget)."
+)
+flags.DEFINE_integer("cascade_stage2_epochs", 1, "cascade: epochs of stage 2 (KD with teacher swaps).")
 
 
 flags.register_validator(

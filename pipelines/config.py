@@ -19,6 +19,7 @@ METHOD_FLAGS = (
     "mskd_criteria", "mskd_allocations", "mskd_top_k", "mskd_select_steps",
     "pdc_epsilon",
     "weight_order", "target_sparsity",
+    "cascade_num_tas", "cascade_levels", "cascade_stage2_epochs",
 )
 
 # Flags each stage depends on; a stage also depends on every earlier stage's

@@ -443,8 +443,10 @@ def preflight(ctx):
     student_kind = validate.check_model_spec(
         flags["student"], "student", allow_savedmodel=False, keywords=("teacher",)
     )
-    if not getattr(methods.get_class(flags["method"]), "prunes", True):
+    method = _method(ctx)  # the method's own options are checked here, before any training
+    if not getattr(method, "prunes", True):
         return
+    method.check_budget(methods.Budget.macs(flags["target_macs_reduction"]))
     spec, kind = (flags["teacher"], teacher_kind) if student_kind == "keyword" else (
         flags["student"], student_kind
     )

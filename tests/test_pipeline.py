@@ -46,6 +46,7 @@ def _values(tmp_path, **overrides):
         "mskd_criteria": ["l1", "l2", "bn_gamma", "taylor", "fpgm", "hessian"],
         "mskd_allocations": ["global", "uniform"], "mskd_top_k": 3, "mskd_select_steps": 0,
         "pdc_epsilon": 3e-3, "weight_order": "sequential", "target_sparsity": 0.5,
+        "cascade_num_tas": 1, "cascade_levels": [], "cascade_stage2_epochs": 1,
     }
     values.update(overrides)
     return values

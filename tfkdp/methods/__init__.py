@@ -2,12 +2,15 @@
 
 - `kdp`: ADMM knowledge distillation with pruning; `prune_only` and
   `kd_only`: its baselines (`tfkdp.methods.kdp`).
+- `ddsl`, `mskd`, `pdc`, `cascade`: the recipes of the seed papers.
 - `weight`: weight (unstructured) pruning with KD (`tfkdp.methods.weight`).
 
 Third parties register their own `Method` subclasses with `register`.
 """
 
-from tfkdp.methods import ddsl, kdp, mskd, pdc, weight
+# kdp first: it and its baselines lead names(); the other recipes follow.
+from tfkdp.methods import kdp  # noqa: I001
+from tfkdp.methods import ddsl, mskd, pdc, weight, cascade
 from tfkdp.methods.base import (
     Budget,
     CompressionResult,
@@ -30,6 +33,7 @@ __all__ = [
     "get_class",
     "names",
     "register",
+    "cascade",
     "ddsl",
     "kdp",
     "mskd",

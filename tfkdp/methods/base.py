@@ -183,6 +183,13 @@ class Method:
         """
         return {"markdown": "", "plots": {}}
 
+    def check_budget(self, budget):
+        """Raises `ValueError` when the options cannot work with `budget` (default: nothing).
+
+        The pipeline calls it before any training.
+        """
+        del budget
+
     def get_config(self):
         """The method's options (JSON-serialisable); `type(m)(**m.get_config())` rebuilds it."""
         raise NotImplementedError(f"{type(self).__name__} must implement get_config()")
