@@ -77,8 +77,10 @@ def get_teacher(name="resnet32", epochs=4, width=16, seed=0, learning_rate=0.1, 
             model = models.get(name, width=width)
             train, test = datasets(batch_size, seed)
             start = time.time()
-            training.train_classifier(model, train, test, epochs=epochs,
-                                      learning_rate=learning_rate, verbose=2)
+            # Checkpointed every epoch: a killed run (or a session that ends) resumes here.
+            backup = keras.callbacks.BackupAndRestore(os.path.join(CACHE_DIR, stem + ".backup"))
+            training.train_classifier(model, train, test, epochs=epochs, learning_rate=learning_rate,
+                                      verbose=2, callbacks=[backup])  # fmt: skip
             info = {
                 "name": name, "width": width, "epochs": epochs, "seed": seed,
                 "train_seconds": round(time.time() - start, 1),

@@ -48,16 +48,26 @@ RESULTS = os.path.join(common.RESULTS_DIR, "recipes.json")
 TABLE = os.path.join(common.RESULTS_DIR, "recipes.md")
 KDP_TABLE = os.path.join(common.RESULTS_DIR, "kdp_t10.json")
 VAL_IMAGES = 5000
-NEEDS_VALIDATION = ("ddsl",)  # mskd carves its own held-out batches from the training data
+NEEDS_VALIDATION = ("ddsl", "cascade")  # mskd carves its own held-out batches from the training data
 
 
 # Rows that are a registered method with other options: {row name: (method, options)}.
 VARIANTS = {
     # MS-KD's baseline: KD of the plain L1 candidate, same step budget, no selection.
     "mskd_l1": ("mskd", {"criteria": ["l1"], "allocations": ["global"], "top_k": 1}),
+    # Cascade with 0, 1 and 2 teaching assistants.
+    **{f"cascade_ta{k}": ("cascade", {"num_tas": k}) for k in (0, 1, 2)},
 }
 # Methods that train all epochs in their first phase (no separate fine-tune phase).
 ONE_PHASE = ("pdc", "mskd")
+
+
+DEFAULT_TARGET = 0.51
+
+
+def row_key(row, target):
+    """The results key of a row: its name, with `@target` when the target is not the default."""
+    return row if target == DEFAULT_TARGET else f"{row}@{target:g}"
 
 
 def method_of(row):
@@ -73,6 +83,8 @@ def method_options(row, epochs, learning_rate):
     options = {"admm_epochs": first, "finetune_epochs": epochs - first, "training": training}
     if name == "ddsl":
         options["dean_every"] = 10
+    if name == "cascade":  # stage 1 gets all epochs but the last, stage 2 (the fine-tune) one
+        options.update(admm_epochs=epochs - 1, finetune_epochs=0, stage2_epochs=1)
     return {**options, **extra}
 
 
@@ -80,7 +92,8 @@ def _parse():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", nargs="+", required=True,
                         help=f"registered methods ({methods.names()}) or {list(VARIANTS)}")  # fmt: skip
-    parser.add_argument("--target", type=float, default=0.51, help="MAC reduction target")
+    parser.add_argument("--target", type=float, default=DEFAULT_TARGET,
+                        help="MAC reduction target (rows at another target are keyed row@target)")
     parser.add_argument("--teacher-epochs", type=int, default=10)
     parser.add_argument("--epochs", type=int, default=4, help="total epochs per method")
     parser.add_argument("--batch-size", type=int, default=128)
@@ -218,7 +231,7 @@ def main():
             row = run_one(name, teacher, args, seed)
             print(f"seed {seed} ({name}): acc {row['test_accuracy']:.4f}, MAC reduction "
                   f"{row['macs_reduction']:.3f}, {row['train_seconds']:.0f} s", flush=True)  # fmt: skip
-            results["runs"].setdefault(name, {})[str(seed)] = row
+            results["runs"].setdefault(row_key(name, args.target), {})[str(seed)] = row
             results["summary"] = summarise(results)
             common.write_json(RESULTS, results)
             text = (
@@ -226,7 +239,7 @@ def main():
                 f"Commands: {'; '.join(f'`{c}`' for c in results['commands'])}. "
                 f"{results['setup']['train_images']} training images, {args.epochs} epochs per "
                 f"method, batch {args.batch_size}, peak LR {args.learning_rate}, target MAC "
-                f"reduction {args.target}; validation for {list(NEEDS_VALIDATION)}: "
+                f"reduction {DEFAULT_TARGET} (rows `name@t`: target t); validation for {list(NEEDS_VALIDATION)}: "
                 f"{results['setup']['validation']}. CPU: {results['setup']['cpu']}.\n\n"
                 f"{table(results)}\n"
             )

@@ -1,6 +1,7 @@
 """`verify`: every exported artifact, run on its own runtime, against the Keras model."""
 
 import copy
+import math
 import os
 
 import numpy as np
@@ -9,7 +10,7 @@ from absl import logging
 from tfkdp.export.converters import FORMATS, model_signature
 from tfkdp.export.runners import RUNTIMES, open_runner
 
-__all__ = ["DEFAULT_TOLERANCES", "VerificationError", "verify"]
+__all__ = ["DEFAULT_TOLERANCES", "VerificationError", "min_agreement_samples", "verify"]
 
 # Per format, what must hold (None = not checked):
 # - max_abs_diff_rel: max |artifact - keras| over all outputs, divided by the
@@ -39,6 +40,33 @@ DEFAULT_TOLERANCES = {
     "tflite_int8": {"max_abs_diff_rel": None, "min_top1_agreement": 0.98},
 }
 _TOLERANCE_KEYS = ("max_abs_diff_rel", "min_top1_agreement")
+
+
+def min_agreement_samples(min_top1_agreement):
+    """Fewest samples on which one disagreement uses at most half of a top-1 bar's margin.
+
+    On n samples one disagreement moves the agreement by 1/n. Below
+    `1 / (1 - bar)` samples (50 for the 98 % bar) a single flipped near-tie
+    fails the bar on its own; at `2 / (1 - bar)` (100 for 98 %) one
+    disagreement costs 1 % and it takes three to fail. The pipeline's and
+    `tfkdp-export`'s default of 1000 test images is well above.
+
+    Args:
+        min_top1_agreement: the bar, in [0, 1).
+
+    Returns:
+        The sample count (an int), or None for a bar of 1 or more, which no
+        count makes robust to one disagreement.
+
+    Example:
+        >>> min_agreement_samples(0.98)
+        100
+    """
+    margin = 1.0 - float(min_top1_agreement)
+    if margin <= 0.0:
+        return None
+    # round(): 2 / (1 - 0.98) is 99.99999999999991 in floating point.
+    return max(1, math.ceil(round(2.0 / margin, 6)))
 
 
 class VerificationError(ValueError):
@@ -100,6 +128,21 @@ def _check_inputs(model, x, y):
     return x.astype(np.float32, copy=False), y
 
 
+def _warn_few_samples(artifacts, limits, n, is_scores):
+    """Logs when a top-1 bar is checked on so few samples that one disagreement weighs too much."""
+    if not is_scores:
+        return
+    for fmt in artifacts:
+        bar = limits[fmt]["min_top1_agreement"]
+        needed = None if bar is None else min_agreement_samples(bar)
+        if needed is not None and n < needed:
+            logging.warning(
+                "%s: top-1 agreement >= %g checked on only %d samples: one disagreement moves it "
+                "by %.1f%%; use >= %d samples (e.g. more test images or --verify_samples)",
+                fmt, bar, n, 100.0 / n, needed,
+            )
+
+
 def _batched(function, x, batch_size):
     return np.concatenate(
         [function(x[i : i + batch_size]) for i in range(0, len(x), batch_size)], axis=0
@@ -137,13 +180,18 @@ def verify(model, artifacts, x, y=None, tolerances=None, batch_size=64):
         `max_abs_diff`, `output_scale`, `max_abs_diff_rel`, `top1_agreement`
         (None for outputs that are not `(N, classes)`), `accuracy` and
         `keras_accuracy` (when `y` is given), `checks` (list of
-        `{metric, measured, allowed, passed}`) and `passed` (always True on
-        return).
+        `{metric, measured, allowed, passed}`), `passed` (always True on
+        return) and `failures` (one line per failed check; empty here).
+        A top-1 bar checked on fewer than `min_agreement_samples(bar)`
+        samples (100 for 98 %) is logged as a warning.
 
     Raises:
-        VerificationError: (a `ValueError`) if any artifact fails a check; the
-            message names each artifact, the measured and the allowed value;
-            `error.results` holds every result.
+        VerificationError: (a `ValueError`) if any artifact fails a check or
+            does not load or run on its runtime (every artifact is still
+            checked); the message names each artifact, the measured and the
+            allowed value; `error.results` holds every result, failed ones
+            with `passed: False`, their `failures` lines and, for one that
+            did not run, `error`.
         ValueError: for bad `x`, `y`, `artifacts`, `tolerances` or
             `batch_size`, or a top-1 check on outputs that are not class scores.
         FileNotFoundError: if an artifact path does not exist.
@@ -170,15 +218,26 @@ def verify(model, artifacts, x, y=None, tolerances=None, batch_size=64):
     is_scores = reference.ndim == 2 and reference.shape[1] >= 2
     keras_top1 = np.argmax(reference, axis=-1) if is_scores else None
 
+    _warn_few_samples(artifacts, limits, len(x), is_scores)
+
     results, failures = {}, []
     for fmt, path in artifacts.items():
-        runner = open_runner(fmt, os.fspath(path))
-        output = _batched(runner, x, batch_size).astype(np.float64)
-        if output.shape != reference.shape:
-            message = f"output shape {output.shape} differs from Keras' {reference.shape}"
-            results[fmt] = {"path": os.fspath(path), "runtime": runner.runtime, "n": int(len(x)),
-                            "error": message, "checks": [], "passed": False}
-            failures.append(f"{fmt} ({path}, {runner.runtime}): {message}")
+        try:
+            runner = open_runner(fmt, os.fspath(path))
+            output = _batched(runner, x, batch_size).astype(np.float64)
+        except (RuntimeError, ValueError) as error:
+            # The artifact does not load or run on its runtime: a failed check
+            # like any other, so the other artifacts are still verified.
+            message = f"does not run: {type(error).__name__}: {' '.join(str(error).split())}"
+        else:
+            message = None
+            if output.shape != reference.shape:
+                message = f"output shape {output.shape} differs from Keras' {reference.shape}"
+        if message is not None:
+            line = f"{fmt} ({path}, {RUNTIMES[fmt]}): {message}"
+            results[fmt] = {"path": os.fspath(path), "runtime": RUNTIMES[fmt], "n": int(len(x)),
+                            "error": message, "checks": [], "passed": False, "failures": [line]}
+            failures.append(line)
             continue
         max_abs_diff = float(np.max(np.abs(output - reference)))
         result = {
@@ -219,14 +278,23 @@ def verify(model, artifacts, x, y=None, tolerances=None, batch_size=64):
             )
         result["checks"] = checks
         result["passed"] = all(c["passed"] for c in checks)
+        result["failures"] = []
         results[fmt] = result
         for c in checks:
             if not c["passed"]:
                 bound = "<=" if c["metric"] == "max_abs_diff" else ">="
-                failures.append(
+                line = (
                     f"{fmt} ({path}, {runner.runtime}): {c['metric']} = {c['measured']:.6g}, "
                     f"allowed {bound} {c['allowed']:.6g} (output scale {scale:.6g}, n={len(x)})"
                 )
+                needed = min_agreement_samples(c["allowed"]) if c["metric"] == "top1_agreement" else None
+                if needed is not None and len(x) < needed:
+                    line += (
+                        f"; one disagreement is {1 / len(x):.1%} of n={len(x)}: verify on "
+                        f">= {needed} images before trusting this"
+                    )
+                result["failures"].append(line)
+                failures.append(line)
         logging.info(
             "verified %s on %s: max|diff| %.3g (%.2g of scale), top-1 agreement %s",
             fmt, runner.runtime, max_abs_diff, max_abs_diff / scale, result["top1_agreement"],

@@ -29,13 +29,34 @@ flags.DEFINE_string(
     "student", "teacher",
     "'teacher' (compress a copy of the teacher), a zoo model name, or a .keras/.h5 path.",
 )
-flags.DEFINE_string("dataset", "fashion_mnist", "fashion_mnist, npz:PATH or dir:PATH.")
+flags.DEFINE_string(
+    "dataset", "fashion_mnist",
+    "fashion_mnist, npz:PATH, cifar10:PATH, cifar100:PATH (the python-pickle folders) or dir:PATH "
+    "(image class folders, streamed; optional train/ val/ test/ sub-folders).",
+)
+flags.DEFINE_list(
+    "image_size", ["28", "28"],
+    "dir: datasets with a zoo teacher trained here: HEIGHT,WIDTH images are resized to "
+    "(a teacher file's input size wins).",
+)
+flags.DEFINE_enum(
+    "color_mode", "grayscale", ("grayscale", "rgb"),
+    "dir: datasets with a zoo teacher trained here: 1 or 3 channels (a teacher file's wins).",
+)
 flags.DEFINE_string(
     "method", "kdp",
     "Compression method: a name registered in tfkdp.methods (tfkdp.methods.names(); "
     "built in: kdp, prune_only, kd_only, ddsl, mskd, pdc, weight).",
 )
 flags.DEFINE_float("target_macs_reduction", 0.5, "Share of the student's MACs to remove, in (0, 1).")
+flags.DEFINE_float(
+    "target_latency_ms", None,
+    "A latency budget instead of the MAC budget: predicted ms per image (batch 1) on "
+    "--latency_runtime with --latency_threads (a cost model measured on that runtime).",
+)
+flags.DEFINE_enum("latency_runtime", "litert", ("litert", "onnxruntime"),
+                  "Runtime of the latency budget's cost model.")  # fmt: skip
+flags.DEFINE_integer("latency_threads", 1, "Threads of the latency budget's runtime.")
 flags.DEFINE_enum("criterion", "l1", CRITERIA, "Channel importance criterion.")
 flags.DEFINE_integer("round_to", 4, "Kept channel counts are multiples of this (kernel-friendly).")
 flags.DEFINE_integer("teacher_epochs", 4, "Epochs to train a zoo teacher.")
@@ -51,7 +72,16 @@ flags.DEFINE_integer(
 )
 flags.DEFINE_list("formats", list(ALL_FORMATS), f"Export formats, from {ALL_FORMATS}.")
 flags.DEFINE_list("threads", ["1"], "Thread counts for latency measurement.")
-flags.DEFINE_integer("verify_samples", 1000, "Test images used to verify artifacts.")
+flags.DEFINE_integer(
+    "verify_samples", 1000,
+    "Test images used to verify artifacts (>= 100 so one disagreement cannot fail the 98 % "
+    "top-1 bar of the int8 formats on its own; fewer is logged as a warning).",
+)
+flags.DEFINE_boolean(
+    "strict_verify", False,
+    "Stop at the verify stage when an artifact fails (no report). Off: failing artifacts are "
+    "moved to export/rejected/, the rest are timed and reported, and the run exits with 1.",
+)
 flags.DEFINE_integer("latency_repeat", 200, "Timed runs per artifact and runtime.")
 flags.DEFINE_string("output_dir", "runs/compress", "Where stages, artifacts and the report go.")
 flags.DEFINE_integer("seed", 0, "Seed of initialisation, shuffling and augmentation.")
@@ -96,6 +126,10 @@ flags.register_validator(
     message=f"--formats must be a non-empty comma-separated subset of {','.join(ALL_FORMATS)}",
 )
 flags.register_validator(
+    "image_size", lambda v: len(v) == 2 and all(d.isdigit() and int(d) > 0 for d in v),
+    message="--image_size must be HEIGHT,WIDTH with two positive integers, e.g. 32,32",
+)
+flags.register_validator(
     "threads", lambda v: bool(v) and all(t.isdigit() and int(t) > 0 for t in v),
     message="--threads must be a comma-separated list of positive integers, e.g. 1,2",
 )
@@ -131,6 +165,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected positional arguments: {argv[1:]}")
     # Imported here so `--help` and flag errors answer without loading TensorFlow.
+    from tfkdp.export import VerificationError
     from tfkdp.pipelines import workflow
 
     non_finite_error = _non_finite_loss_error()
@@ -141,6 +176,15 @@ def main(argv):
     # One line on stderr and no traceback (absl's logging.error would add a second line).
     try:
         report_md = workflow.run(values, restart=FLAGS.restart)
+    except workflow.ArtifactsRejectedError as error:
+        # The report of the passing artifacts is complete: show it, then fail.
+        print(error.markdown)
+        print(f"tfkdp-compress: error: {error}", file=sys.stderr)
+        return 1
+    except VerificationError as error:  # --strict_verify: the run stops at the verify stage
+        print(f"tfkdp-compress: error: {strict_verify_message(error, FLAGS.output_dir)}",
+              file=sys.stderr)
+        return 1
     except (ValueError, FileNotFoundError) as error:
         print(f"tfkdp-compress: error: {error}", file=sys.stderr)
         return 2
@@ -160,6 +204,15 @@ def _non_finite_loss_error():
     except ImportError:
         from tfkdp.methods.kdp import NonFiniteLossError
     return NonFiniteLossError
+
+
+def strict_verify_message(error, output_dir):
+    """One line for a failed check under --strict_verify: the failures and how to get a report."""
+    return (
+        f"artifact verification failed (--strict_verify): {'; '.join(error.failures)}. "
+        f"The stages up to export are kept in {os.path.abspath(output_dir)}; rerun without "
+        "--strict_verify to reject the failing artifacts and report the others."
+    )
 
 
 def diverged_message(error, output_dir):

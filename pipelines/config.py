@@ -25,16 +25,20 @@ METHOD_FLAGS = (
 # Flags each stage depends on; a stage also depends on every earlier stage's
 # flags. Changing one of a finished stage's flags invalidates that stage.
 STAGE_FLAGS = {
-    "teacher": ("teacher", "dataset", "teacher_epochs", "teacher_lr", "batch_size", "seed"),
+    "teacher": (
+        "teacher", "dataset", "image_size", "color_mode", "teacher_epochs", "teacher_lr",
+        "batch_size", "seed",
+    ),
     "compress": (
-        "student", "method", "target_macs_reduction", "criterion", "round_to", "compress_epochs",
+        "student", "method", "target_macs_reduction", "target_latency_ms", "latency_runtime",
+        "latency_threads", "criterion", "round_to", "compress_epochs",
         "lr", "temperature", "compress_train_subset", "strategy",
         *METHOD_FLAGS,
     ),
     "finetune": ("finetune_epochs",),
     "strip": (),
     "export": ("formats",),
-    "verify": ("verify_samples",),
+    "verify": ("verify_samples", "strict_verify"),
     "latency": ("threads", "latency_repeat"),
     "report": (),
 }

@@ -81,6 +81,7 @@ def markdown(report):
             f"| {a.get('threads', '-')} | {_fmt(pe.get('size_bytes'), '.2f')} "
             f"| {_fmt(pe.get('gzip_bytes'), '.2f')} | {_fmt(pe.get('latency_ms_p50'), '.2f')} |"
         )
+    lines += _rejected_markdown(report.get("rejected") or [])
     extra = (report.get("method_report") or {}).get("markdown")
     if extra:
         lines += ["", extra.rstrip("\n")]
@@ -88,6 +89,40 @@ def markdown(report):
     for stage, seconds in report["stages"].items():
         lines.append(f"| {stage} | {seconds:.1f} |")
     return "\n".join(lines) + "\n"
+
+
+def _cell(text):
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def _rejected_markdown(rejected):
+    """The "Rejected artifacts" section: one row per failed check (or per artifact that did not run)."""
+    if not rejected:
+        return []
+    lines = [
+        "",
+        "## Rejected artifacts",
+        "",
+        "Failed verification against the Keras student: moved to `export/rejected/` with "
+        "`<file>.reason.txt` beside each, not timed, not in the table above. The run exits "
+        "with code 1.",
+        "",
+        "| format | runtime | n | failed check | measured | allowed | file |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rejected:
+        head = f"| {r['format']} | {r.get('runtime') or '-'} | {_fmt(r.get('n'))} "
+        checks = r.get("failed_checks") or []
+        if not checks:
+            reason = r.get("error") or r.get("reason")
+            lines.append(f"{head}| {_cell(reason)} | - | - | `{r['path']}` |")
+        for c in checks:
+            bound = "<=" if c["metric"] == "max_abs_diff" else ">="
+            lines.append(
+                f"{head}| {c['metric']} | {_fmt(c['measured'], '.4g')} "
+                f"| {bound} {_fmt(c['allowed'], '.4g')} | `{r['path']}` |"
+            )
+    return lines
 
 
 def _figure(width=6.0, height=4.0):

@@ -137,6 +137,39 @@ def check_keras_file(path, flag="model"):
     return model
 
 
+def check_latency_reachable(model, budget, round_to, min_channels=1):
+    """Raises if a latency budget cannot be met on `model`'s architecture.
+
+    Builds (or loads from its cache) the `LatencyModel` of the architecture on
+    the budget's runtime: the cost model depends on structure only, so the
+    compress stage reuses it.
+
+    Args:
+        model: the student architecture (weights may be random).
+        budget: a latency `Budget` (`Budget.latency_ms`).
+        round_to: the `--round_to` flag.
+        min_channels: fewest channels a pruned group keeps.
+
+    Raises:
+        ValueError: naming the flag and value, with the fastest reachable latency.
+    """
+    import tfkdp
+
+    latency = budget.latency_model(model)
+    try:
+        return tfkdp.make_plan(
+            model, criterion="l1", round_to=round_to, min_channels=min_channels,
+            latency_model=latency, **budget.plan_kwargs(),
+        )  # fmt: skip
+    except ValueError as error:
+        reason = " ".join(str(error).split())
+        raise ValueError(
+            f"--target_latency_ms={budget.reduction} is not reachable on "
+            f"{getattr(model, 'name', 'the student')!r} ({budget.runtime}, {budget.threads} "
+            f"thread(s)) with --round_to={round_to}: {reason}"
+        ) from None
+
+
 def check_budget_reachable(model, target_macs_reduction, round_to, min_channels=1):
     """Raises if `make_plan` cannot reach the MAC budget on `model`'s architecture.
 

@@ -11,7 +11,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tfkdp.export._atomic import tree_size_bytes, write_json_atomic
+from tfkdp.export._atomic import tree_size_bytes, write_bytes_atomic, write_json_atomic
 from tfkdp.pipelines import report as report_lib
 from tfkdp.pipelines.config import RESUME_DIR, STAGE_FLAGS, STAGES
 from tfkdp.pipelines.state import StageRunner
@@ -30,41 +30,124 @@ def _callbacks(ctx, stage):
 
 
 class Context:
-    """What the stages share: flags, data, strategy, and the runner's folders."""
+    """What the stages share: flags, data, strategy, and the runner's folders.
+
+    Array datasets (`fashion_mnist`, `npz:`, `cifar10:`, `cifar100:`) are held in
+    memory; a `dir:` folder is streamed from disk (`tfkdp.folders.ImageFolder`:
+    only its file names are held), at the teacher file's input size and
+    channels, or `--image_size`/`--color_mode` for a zoo teacher.
+    """
 
     def __init__(self, values, runner):
         from tfkdp import data
 
         self.flags = values
         self.runner = runner
-        (x_train, y_train), (x_test, y_test), self.num_classes = data.load_dataset(values["dataset"])
-        (self.x_train, self.y_train), (self.x_val, self.y_val) = data.validation_split(
-            x_train, y_train, 0.1, seed=values["seed"]
-        )
-        self.x_test, self.y_test = x_test, y_test
-        self.input_shape = tuple(int(d) for d in x_train.shape[1:])
+        self.folder = None
+        kind, path = data.parse_spec(values["dataset"])
+        if kind == "dir":
+            from tfkdp.folders import ImageFolder
+
+            image_size, color_mode = _folder_format(values)
+            # Lists the splits and decodes every file once: a corrupt image stops here.
+            self.folder = ImageFolder(path, image_size, color_mode)
+            logging.info("dataset %s: %s, %s", values["dataset"], self.folder.describe(),
+                         self.folder.image_shape)  # fmt: skip
+            self.num_classes = self.folder.num_classes
+            self.input_shape = tuple(self.folder.image_shape)
+        else:
+            (x_train, y_train), (x_test, y_test), self.num_classes = data.load_dataset(
+                values["dataset"]
+            )
+            (self.x_train, self.y_train), (self.x_val, self.y_val) = data.validation_split(
+                x_train, y_train, 0.1, seed=values["seed"]
+            )
+            self.x_test, self.y_test = x_test, y_test
+            self.input_shape = tuple(int(d) for d in x_train.shape[1:])
         self.strategy = _strategy(values["strategy"])
 
     def datasets(self, subset=0):
         from tfkdp import data
 
+        batch, seed = self.flags["batch_size"], self.flags["seed"]
+        if self.folder is not None:
+            train = self.folder.dataset("train", batch, training=True, seed=seed, limit=subset)
+            return train, self.folder.dataset("val", 512)
         x, y = self.x_train, self.y_train
         if subset:
             x, y = x[:subset], y[:subset]
-        batch = self.flags["batch_size"]
-        train = data.make_dataset(x, y, batch, training=True, seed=self.flags["seed"])
+        train = data.make_dataset(x, y, batch, training=True, seed=seed)
         val = data.make_dataset(self.x_val, self.y_val, 512)
         return train, val
 
     def test_inputs(self, limit=None):
+        """The first `limit` test images (all if None) scaled as for training, and their labels."""
         from tfkdp import data
 
+        if self.folder is not None:
+            x, y = self.folder.arrays("test", limit)
+            return data.preprocess(x).numpy(), y
         x = self.x_test if limit is None else self.x_test[:limit]
         y = self.y_test if limit is None else self.y_test[:limit]
         return data.preprocess(x).numpy(), np.asarray(y)
 
+    def train_inputs(self, limit):
+        """The first `limit` training images scaled as for training (e.g. int8 calibration).
+
+        The training order is random (a seeded permutation for arrays, the path
+        hash for folders), so the first images are a random draw of the classes.
+        """
+        from tfkdp import data
+
+        if self.folder is not None:
+            return data.preprocess(self.folder.arrays("train", limit)[0]).numpy()
+        return data.preprocess(self.x_train[:limit]).numpy()
+
+    def test_accuracy(self, model):
+        """Top-1 accuracy of `model` on the whole test split (streamed for a folder)."""
+        from tfkdp import metrics
+
+        if self.folder is None:
+            x, y = self.test_inputs()
+            return metrics.accuracy(model, x, y, batch_size=512)
+        images = self.folder.dataset("test", 512).map(lambda x, y: x)
+        logits = model.predict(images, verbose=0)
+        labels = np.asarray(self.folder.files("test")[1])
+        return float(np.mean(np.argmax(logits, axis=-1) == labels))
+
     def path(self, stage, name):
         return os.path.join(self.runner.stage_dir(stage), name)
+
+
+def _folder_format(values):
+    """`(image_size, color_mode)` of a `dir:` dataset: the teacher file's, else the flags'.
+
+    A teacher file fixes the input: its height, width and channels (1:
+    grayscale, 3: rgb) are used, a dynamic height/width taking `--image_size`.
+    A zoo teacher trained here takes `--image_size` and `--color_mode`.
+    """
+    size = tuple(int(d) for d in values.get("image_size", (28, 28)))
+    color_mode = values.get("color_mode", "grayscale")
+    teacher = values["teacher"]
+    if not (os.path.isfile(teacher) and teacher.endswith((".keras", ".h5"))):
+        return size, color_mode  # a zoo name (or a SavedModel, whose input is not recorded)
+    from tfkdp.pipelines import validate
+
+    shape = validate.check_keras_file(teacher, "teacher").input_shape
+    if not isinstance(shape, tuple) or len(shape) != 4:
+        raise ValueError(
+            f"--teacher={teacher!r} has input shape {shape}; a dir: dataset needs one image "
+            "input of shape (batch, height, width, channels)"
+        )
+    channels = {1: "grayscale", 3: "rgb"}
+    if shape[3] not in channels:
+        raise ValueError(
+            f"--teacher={teacher!r} expects {shape[3]} input channels; dir: datasets give 1 "
+            "(grayscale) or 3 (rgb)"
+        )
+    size = (shape[1] or size[0], shape[2] or size[1])
+    logging.info("dir: images resized to %s, %s (the teacher's input)", size, channels[shape[3]])
+    return size, channels[shape[3]]
 
 
 def _strategy(name):
@@ -94,9 +177,8 @@ def _load_student(path):
 def _summary(model, ctx):
     from tfkdp import metrics
 
-    x, y = ctx.test_inputs()
     return {
-        "accuracy": metrics.accuracy(model, x, y, batch_size=512),
+        "accuracy": ctx.test_accuracy(model),
         "macs": metrics.count_macs(model),
         "params": metrics.count_params(model),
     }
@@ -130,7 +212,7 @@ def load_teacher(ctx):
 
 
 def stage_teacher(ctx, work):
-    from tfkdp import metrics, models
+    from tfkdp import models
     from tfkdp.train import phases
 
     spec = ctx.flags["teacher"]
@@ -154,9 +236,8 @@ def stage_teacher(ctx, work):
     _check_io(model, ctx, "teacher")
     if os.path.isdir(spec):
         # A SavedModel runs inference-only through TFSMLayer: its cost is not countable.
-        x, y = ctx.test_inputs()
         return {
-            "accuracy": metrics.accuracy(model, x, y), "macs": None, "params": None,
+            "accuracy": ctx.test_accuracy(model), "macs": None, "params": None,
             "trained_here": False, "path": os.path.abspath(spec),
         }
     return dict(_summary(model, ctx), trained_here=False, path=os.path.abspath(spec))
@@ -209,9 +290,18 @@ def _method(ctx, stage=None):
 
 
 def _budget(ctx):
+    """`--target_latency_ms` (on `--latency_runtime`) when given, else `--target_macs_reduction`."""
+    return budget_of(ctx.flags)
+
+
+def budget_of(flags):
+    """The pipeline's `Budget` from its flags."""
     from tfkdp.methods import Budget
 
-    return Budget.macs(ctx.flags["target_macs_reduction"])
+    if flags.get("target_latency_ms") is not None:
+        return Budget.latency_ms(flags["target_latency_ms"], flags.get("latency_runtime", "litert"),
+                                 flags.get("latency_threads", 1))  # fmt: skip
+    return Budget.macs(flags["target_macs_reduction"])
 
 
 def _load_pruned(ctx, stage, model_name):
@@ -285,16 +375,27 @@ def stage_strip(ctx, work):
     return dict(_summary(small, ctx), max_abs_diff_vs_masked=diff)
 
 
+# Training images that calibrate tflite_int8's activation ranges (fewer if the
+# training set is smaller). Full-integer quantisation takes each activation's
+# range from min/max over these samples: a few hundred real images cover every
+# class (50 each on 10 classes) and the ranges stop moving; TFLite suggests
+# 100-500. The same count as tfkdp-export's --calibration_samples; the
+# training order is random (`Context.train_inputs`), so the first N are a
+# random draw.
+CALIBRATION_SAMPLES = 500
+
+
 def stage_export(ctx, work):
-    from tfkdp import data, export
+    from tfkdp import export
 
     model = keras.saving.load_model(ctx.path("strip", "student.keras"))
-    calibration = data.preprocess(ctx.x_train[:256]).numpy()
+    calibration = ctx.train_inputs(CALIBRATION_SAMPLES)
     artifacts = export.export_model(
         model, os.path.join(work, "artifacts"), formats=tuple(ctx.flags["formats"]),
         calibration=calibration,
     )
-    return {"artifacts": {fmt: os.path.relpath(p, work) for fmt, p in artifacts.items()}}
+    return {"artifacts": {fmt: os.path.relpath(p, work) for fmt, p in artifacts.items()},
+            "calibration_samples": int(len(calibration))}
 
 
 def _artifacts(ctx):
@@ -303,24 +404,122 @@ def _artifacts(ctx):
             for fmt, rel in summary["artifacts"].items()}
 
 
+# Folder, inside the export stage's folder, of the artifacts that failed
+# verification, each with `<file name>.reason.txt` beside it.
+REJECTED_DIR = "rejected"
+
+
+class ArtifactsRejectedError(RuntimeError):
+    """Some exported artifacts failed verification; the report covers the others.
+
+    `run` raises it after report.json, report.md and the plots are written,
+    so the report of the passing artifacts exists when it is caught.
+
+    Attributes:
+        rejected: `{format: {"path", "reason", "short"}}`, paths relative to
+            `output_dir`.
+        output_dir: the run's folder (report.md and report.json are in it).
+        markdown: the report as Markdown (what `run` returns on success).
+    """
+
+    def __init__(self, rejected, output_dir, markdown):
+        self.rejected = dict(rejected)
+        self.output_dir = output_dir
+        self.markdown = markdown
+        details = "; ".join(f"{fmt} ({entry['short']})" for fmt, entry in self.rejected.items())
+        super().__init__(
+            f"{len(self.rejected)} artifact(s) failed verification: {details}. Moved with their "
+            f"reasons to {os.path.join(output_dir, 'export', REJECTED_DIR)}; "
+            f"{os.path.join(output_dir, 'report.md')} covers the ones that passed"
+        )
+
+
+def _rejected_dir(ctx):
+    return os.path.join(ctx.runner.stage_dir("export"), REJECTED_DIR)
+
+
+def _restore_rejected(ctx):
+    """Puts back what an unfinished verify stage moved out, so a rerun checks every artifact."""
+    rejected = _rejected_dir(ctx)
+    if not os.path.isdir(rejected):
+        return
+    for path in _artifacts(ctx).values():
+        moved = os.path.join(rejected, os.path.basename(path))
+        if not os.path.exists(path) and os.path.exists(moved):
+            os.replace(moved, path)
+    shutil.rmtree(rejected)
+
+
+def _short_reason(result):
+    """One clause per failed check: `top1_agreement 0.875 < 0.98 (n=32)`."""
+    if result.get("error"):
+        error = result["error"]
+        return error if len(error) <= 120 else error[:117] + "..."
+    parts = [
+        f"{c['metric']} {c['measured']:.4g} {'>' if c['metric'] == 'max_abs_diff' else '<'} "
+        f"{c['allowed']:.4g}"
+        for c in result.get("checks", []) if not c["passed"]
+    ]
+    return f"{', '.join(parts)} (n={result.get('n')})"
+
+
 def stage_verify(ctx, work):
+    """Every artifact against the Keras student on the first `--verify_samples` test images.
+
+    An artifact that fails a check (or does not run on its runtime) is moved
+    to `export/rejected/` with `<file>.reason.txt` beside it; the latency and
+    report stages see only the ones that passed, and `run` raises
+    `ArtifactsRejectedError` once the report is written. With
+    `--strict_verify` a failure stops the run here (`VerificationError`) and
+    nothing is moved.
+    """
     from tfkdp import export
 
+    _restore_rejected(ctx)  # a rerun of this stage starts from what export wrote
     model = keras.saving.load_model(ctx.path("strip", "student.keras"))
     x, y = ctx.test_inputs(ctx.flags["verify_samples"])
-    results = export.verify(model, _artifacts(ctx), x, y)
+    artifacts = _artifacts(ctx)
+    try:
+        results = export.verify(model, artifacts, x, y)
+    except export.VerificationError as error:
+        if ctx.flags.get("strict_verify", False):
+            raise
+        results = error.results
+    rejected = {}
+    for fmt, result in results.items():
+        if result["passed"]:
+            continue
+        target = os.path.join(_rejected_dir(ctx), os.path.basename(artifacts[fmt]))
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        reason = "\n".join(result["failures"])
+        write_bytes_atomic(target + ".reason.txt", (reason + "\n").encode("utf-8"))
+        os.replace(artifacts[fmt], target)
+        rejected[fmt] = {
+            "path": os.path.relpath(target, ctx.runner.output_dir), "reason": reason,
+            "short": _short_reason(result),
+        }
+        logging.warning("rejected %s (moved to %s): %s", fmt, target, reason)
     write_json_atomic(os.path.join(work, "verify.json"), results)
-    return {"results": results}
+    return {"results": results, "rejected": rejected}
+
+
+def _verified_artifacts(ctx):
+    """`{format: path}` of the exported artifacts that passed the verify stage."""
+    rejected = ctx.runner.record("verify")["summary"].get("rejected", {})
+    return {fmt: path for fmt, path in _artifacts(ctx).items() if fmt not in rejected}
 
 
 def stage_latency(ctx, work):
     from tfkdp import export
 
+    artifacts = _verified_artifacts(ctx)
+    if not artifacts:
+        logging.warning("no artifact passed verification: nothing to time")
     rows = export.benchmark_latency(
-        _artifacts(ctx), ctx.input_shape,
+        artifacts, ctx.input_shape,
         threads=tuple(int(t) for t in ctx.flags["threads"]),
         repeat=ctx.flags["latency_repeat"],
-    )
+    ) if artifacts else []
     write_json_atomic(os.path.join(work, "latency.json"), rows)
     return {"rows": rows}
 
@@ -349,6 +548,15 @@ def stage_report(ctx, work):
     student["plan"] = compress.get("plan")
     student["channels"] = compress.get("channels", {})
     verify = runner.record("verify")["summary"]["results"]
+    rejected = [
+        {"format": fmt, "path": entry["path"], "reason": entry["reason"],
+         "runtime": verify[fmt].get("runtime"), "n": verify[fmt].get("n"),
+         "max_abs_diff": verify[fmt].get("max_abs_diff"),
+         "top1_agreement": verify[fmt].get("top1_agreement"),
+         "accuracy": verify[fmt].get("accuracy"), "error": verify[fmt].get("error"),
+         "failed_checks": [c for c in verify[fmt].get("checks", []) if not c["passed"]]}
+        for fmt, entry in runner.record("verify")["summary"].get("rejected", {}).items()
+    ]  # fmt: skip
     latency = runner.record("latency")["summary"]["rows"]
     threads = tuple(int(t) for t in ctx.flags["threads"])
 
@@ -386,7 +594,7 @@ def stage_report(ctx, work):
         "macs": efficiency(student["macs"], teacher["macs"]),
     }
     artifacts = []
-    for fmt, path in _artifacts(ctx).items():
+    for fmt, path in _verified_artifacts(ctx).items():
         checked = verify.get(fmt, {})
         timed = [r for r in latency if r.get("format") == fmt] or [{}]
         size, gz = tree_size_bytes(path), gzip_size_bytes(path)
@@ -413,7 +621,8 @@ def stage_report(ctx, work):
             })
     stages = {s: runner.record(s)["seconds"] for s in STAGES if s != "report" and runner.done(s)}
     report = {
-        "teacher": teacher, "student": student, "artifacts": artifacts, "stages": stages,
+        "teacher": teacher, "student": student, "artifacts": artifacts, "rejected": rejected,
+        "stages": stages,
         "flags": ctx.flags, "baselines": compress.get("baselines", []),
         # The method's own tables and plots (e.g. mskd's candidates, ddsl's dean.png).
         "method_report": _method(ctx).report(student["record"] or {}, work),
@@ -435,7 +644,7 @@ def preflight(ctx):
     loaded, or a MAC budget the student's architecture cannot reach is a
     `ValueError`/`FileNotFoundError` now, not after the teacher was trained.
     """
-    from tfkdp import methods, models
+    from tfkdp import models
     from tfkdp.pipelines import validate
 
     flags = ctx.flags
@@ -444,9 +653,15 @@ def preflight(ctx):
         flags["student"], "student", allow_savedmodel=False, keywords=("teacher",)
     )
     method = _method(ctx)  # the method's own options are checked here, before any training
+    budget = budget_of(flags)
     if not getattr(method, "prunes", True):
+        if budget.is_latency:
+            raise ValueError(
+                f"--target_latency_ms does not apply to --method={flags['method']}: it removes no "
+                "channels, so the dense latency does not change; use a channel-pruning method"
+            )
         return
-    method.check_budget(methods.Budget.macs(flags["target_macs_reduction"]))
+    method.check_budget(budget)
     spec, kind = (flags["teacher"], teacher_kind) if student_kind == "keyword" else (
         flags["student"], student_kind
     )
@@ -456,11 +671,22 @@ def preflight(ctx):
         return  # a SavedModel cannot be the student; build_student says so
     else:
         architecture = validate.check_keras_file(spec, "teacher" if student_kind == "keyword" else "student")
-    validate.check_budget_reachable(architecture, flags["target_macs_reduction"], flags["round_to"])
+    if budget.is_latency:
+        validate.check_latency_reachable(architecture, budget, flags["round_to"])
+    else:
+        validate.check_budget_reachable(architecture, flags["target_macs_reduction"], flags["round_to"])
 
 
 def run(values, restart=False):
-    """Runs (or resumes) every stage; returns the report as Markdown."""
+    """Runs (or resumes) every stage; returns the report as Markdown.
+
+    Raises:
+        ArtifactsRejectedError: (a `RuntimeError`) after the report is
+            written, if some artifacts failed verification (they are in
+            `output_dir/export/rejected/` and the report's `rejected` list).
+        VerificationError: with `strict_verify`, at the verify stage, before
+            any report.
+    """
     output_dir = values["output_dir"]
     flags_only = {k: v for k, v in values.items() if k != "output_dir"}
     runner = StageRunner(output_dir, flags_only, STAGE_FLAGS, restart=restart)
@@ -478,4 +704,8 @@ def run(values, restart=False):
     report_dir = runner.stage_dir("report")
     for name in os.listdir(report_dir):
         shutil.copy2(os.path.join(report_dir, name), os.path.join(runner.output_dir, name))
-    return summary["markdown"] if isinstance(summary, dict) and "markdown" in summary else json.dumps(summary)
+    markdown = summary["markdown"] if isinstance(summary, dict) and "markdown" in summary else json.dumps(summary)
+    rejected = runner.record("verify")["summary"].get("rejected", {})
+    if rejected:
+        raise ArtifactsRejectedError(rejected, runner.output_dir, markdown)
+    return markdown

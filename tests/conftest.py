@@ -42,3 +42,19 @@ def tiny_images():
     for i, label in enumerate(y):
         x[i, :, label * 4 : label * 4 + 4, 0] += 0.8
     return x, y.astype("int32")
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory):
+    """An untrained resnet8 teacher file for `test_pipeline._values`'s data (12×12×1, 3 classes).
+
+    The recipes' pipeline tests check wiring, records and reports, not accuracy:
+    a given teacher file skips the teacher stage's training.
+    """
+    from tfkdp import models
+
+    keras.utils.set_random_seed(0)
+    model = models.get("resnet8", input_shape=(12, 12, 1), num_classes=3)
+    path = tmp_path_factory.mktemp("teacher") / "resnet8.keras"
+    model.save(path)
+    return str(path)

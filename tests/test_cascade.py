@@ -261,12 +261,12 @@ def test_cascade_rejects_bad_arguments():
     assert type(method)(**method.get_config()).get_config() == method.get_config()
 
 
-def test_pipeline_runs_cascade_end_to_end(tmp_path):
+def test_pipeline_runs_cascade_end_to_end(tmp_path, tiny_teacher):
     from test_pipeline import _values
 
     from tfkdp.pipelines import workflow
 
-    values = _values(tmp_path, method="cascade", formats=["tflite"], teacher_epochs=1,
+    values = _values(tmp_path, method="cascade", teacher=tiny_teacher, formats=["tflite"], teacher_epochs=1,
                      finetune_epochs=0, cascade_num_tas=0)  # fmt: skip
     workflow.run(values)
     with open(os.path.join(values["output_dir"], "report.json")) as f:

@@ -222,7 +222,7 @@ def test_ddsl_without_validation_data_is_refused(tiny_images):
         methods.get("ddsl").prune(teacher, teacher, data.make_dataset(x, y), None, 0.3)
 
 
-def test_pipeline_runs_ddsl_end_to_end_with_dean_report(tmp_path):
+def test_pipeline_runs_ddsl_end_to_end_with_dean_report(tmp_path, tiny_teacher):
     import json
     import os
 
@@ -230,7 +230,7 @@ def test_pipeline_runs_ddsl_end_to_end_with_dean_report(tmp_path):
 
     from tfkdp.pipelines import workflow
 
-    values = _values(tmp_path, method="ddsl", formats=["tflite"], teacher_epochs=1,
+    values = _values(tmp_path, method="ddsl", teacher=tiny_teacher, formats=["tflite"], teacher_epochs=1,
                      dean_every=2, dean_lr=0.5, dean_distill_max=1.5, dean_sparsity_max=3.0)  # fmt: skip
     workflow.run(values)
     out = values["output_dir"]

@@ -244,13 +244,13 @@ def test_config_round_trip_and_pipeline_options():
     assert (built.criteria, built.top_k, built.finetune_epochs, built.round_to) == (["fpgm"], 2, 2, 4)
 
 
-def test_pipeline_runs_mskd_end_to_end_and_reports_the_candidates(tmp_path, caplog):
+def test_pipeline_runs_mskd_end_to_end_and_reports_the_candidates(tmp_path, tiny_teacher, caplog):
     from test_pipeline import _values  # tests/ is on sys.path (rootdir-relative, no package)
 
     from tfkdp.pipelines import workflow
 
     values = _values(
-        tmp_path, method="mskd", formats=["tflite"], teacher_epochs=1, finetune_epochs=0,
+        tmp_path, method="mskd", teacher=tiny_teacher, formats=["tflite"], teacher_epochs=1, finetune_epochs=0,
         mskd_criteria=["l1"], mskd_allocations=["global", "uniform"], mskd_top_k=5,
         mskd_select_steps=1,
     )  # fmt: skip

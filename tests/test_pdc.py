@@ -210,12 +210,12 @@ def test_pdc_resumes_after_a_crash_with_the_same_clusters_and_weights(tiny_image
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-3, atol=1e-5)
 
 
-def test_pipeline_runs_pdc_end_to_end(tmp_path):
+def test_pipeline_runs_pdc_end_to_end(tmp_path, tiny_teacher):
     from test_pipeline import _values
 
     from tfkdp.pipelines import workflow
 
-    values = _values(tmp_path, method="pdc", pdc_epsilon=3.0, formats=["tflite"], teacher_epochs=1,
+    values = _values(tmp_path, method="pdc", teacher=tiny_teacher, pdc_epsilon=3.0, formats=["tflite"], teacher_epochs=1,
                      finetune_epochs=0)  # fmt: skip
     workflow.run(values)
     out = values["output_dir"]

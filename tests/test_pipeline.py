@@ -36,10 +36,12 @@ def _values(tmp_path, **overrides):
     values = {
         "teacher": "resnet8", "student": "teacher", "dataset": f"npz:{_tiny_npz(tmp_path / 'd.npz')}",
         "method": "kdp", "target_macs_reduction": 0.5, "criterion": "l1", "round_to": 2,
+        "target_latency_ms": None, "latency_runtime": "litert", "latency_threads": 1,
         "teacher_epochs": 3, "compress_epochs": 1, "finetune_epochs": 1, "batch_size": 16,
         "teacher_lr": 0.05, "lr": 0.02, "temperature": 4.0, "compress_train_subset": 0,
         "formats": ["tflite", "onnx"], "threads": ["1"], "verify_samples": 32,
-        "latency_repeat": 5, "seed": 0, "strategy": "default",
+        "strict_verify": False, "latency_repeat": 5, "seed": 0, "strategy": "default",
+        "image_size": ["28", "28"], "color_mode": "grayscale",
         "output_dir": str(tmp_path / "out"),
         # the method flags' defaults (pipelines/compress.py)
         "dean_every": 10, "dean_lr": 0.05, "dean_distill_max": 2.0, "dean_sparsity_max": 2.0,

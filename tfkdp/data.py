@@ -1,12 +1,15 @@
-"""Data: Fashion-MNIST (validated idx files), image folders, `.npz`, and `tf.data` pipelines."""
+"""Data: Fashion-MNIST (validated idx files), CIFAR pickles, `.npz`, image folders, `tf.data`."""
 
 import gzip
 import os
+import pickle
 import struct
 
 import numpy as np
 import tensorflow as tf
 from absl import logging
+
+from tfkdp.batching import batch_images, preprocess
 
 __all__ = [
     "DEBIAN_DIR",
@@ -14,11 +17,14 @@ __all__ = [
     "load_fashion_mnist",
     "from_directory",
     "from_npz",
+    "load_cifar",
+    "batch_images",
     "count_nonfinite",
     "make_dataset",
     "validation_split",
     "preprocess",
     "load_dataset",
+    "parse_spec",
     "DATASET_KINDS",
 ]
 
@@ -221,11 +227,110 @@ def from_npz(path):
     return (arrays["x_train"], arrays["y_train"]), (arrays["x_test"], arrays["y_test"])
 
 
+_CIFAR = {
+    # kind: (folder the archive unpacks to, {split: [files]}, label key, classes)
+    "cifar10": (
+        "cifar-10-batches-py",
+        {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]},
+        "labels", 10,
+    ),
+    "cifar100": ("cifar-100-python", {"train": ["train"], "test": ["test"]}, "fine_labels", 100),
+}
+# What the CIFAR pickles may reference: numpy arrays and their dtypes, nothing else.
+_CIFAR_PICKLE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("_codecs", "encode"),
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Loads only plain containers and numpy arrays: a pickle cannot run code through it."""
+
+    def find_class(self, module, name):
+        if (module, name) in _CIFAR_PICKLE_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a CIFAR file")
+
+
+def _read_cifar_batch(path, label_key, num_classes):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"CIFAR file not found: {path!r}")
+    try:
+        with open(path, "rb") as f:
+            batch = _CifarUnpickler(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as error:
+        raise ValueError(f"CIFAR file {path!r} is not a readable python pickle: {error}") from error
+    if not isinstance(batch, dict):
+        raise ValueError(f"CIFAR file {path!r} holds a {type(batch).__name__}, not a dict")
+    batch = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in batch.items()}
+    for key in ("data", label_key):
+        if key not in batch:
+            raise ValueError(f"CIFAR file {path!r} lacks the key {key!r} (has {sorted(batch)})")
+    x = np.asarray(batch["data"])
+    y = np.asarray(batch[label_key]).reshape(-1)
+    if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3 * 32 * 32:
+        raise ValueError(
+            f"CIFAR file {path!r}: 'data' must be uint8 of shape (N, 3072); got {x.dtype} {x.shape}"
+        )
+    if len(y) != len(x):
+        raise ValueError(f"CIFAR file {path!r} has {len(x)} images but {len(y)} labels")
+    if y.size and (y.min() < 0 or y.max() >= num_classes):
+        raise ValueError(
+            f"CIFAR file {path!r} has labels outside [0, {num_classes - 1}]: "
+            f"[{int(y.min())}, {int(y.max())}]"
+        )
+    # Rows are 1024 red, 1024 green, 1024 blue values, each a row-major 32x32 plane.
+    return x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), y.astype(np.int64)
+
+
+def load_cifar(kind, path):
+    """Loads CIFAR-10 or CIFAR-100 from the python-pickle folder users download.
+
+    Args:
+        kind: `"cifar10"` (`cifar-10-batches-py/`: `data_batch_1`..`5`,
+            `test_batch`, key `labels`) or `"cifar100"` (`cifar-100-python/`:
+            `train`, `test`, key `fine_labels`: 100 classes).
+        path: that folder, or the folder holding it (where the archive was
+            unpacked).
+
+    Returns:
+        `((x_train, y_train), (x_test, y_test))`: uint8 `(N, 32, 32, 3)`
+        images, int64 labels.
+
+    Raises:
+        ValueError: for another `kind`, or a file that is not a CIFAR pickle.
+        FileNotFoundError: naming the first missing file.
+
+    Example:
+        >>> (x, y), _ = load_cifar("cifar10", "~/data/cifar-10-batches-py")  # doctest: +SKIP
+        >>> x.shape
+        (50000, 32, 32, 3)
+    """
+    if kind not in _CIFAR:
+        raise ValueError(f"kind must be one of {sorted(_CIFAR)}; received {kind!r}")
+    folder, files, label_key, classes = _CIFAR[kind]
+    path = os.path.expanduser(path)
+    if os.path.isdir(os.path.join(path, folder)):
+        path = os.path.join(path, folder)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{kind} folder not found: {path!r} (expected {folder}/)")
+    splits = []
+    for split in ("train", "test"):
+        parts = [_read_cifar_batch(os.path.join(path, name), label_key, classes)
+                 for name in files[split]]  # fmt: skip
+        splits.append((np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts])))
+    return tuple(splits)
+
+
 def from_directory(path, image_size=(28, 28), color_mode="grayscale", batch_size=None, seed=0):
-    """Loads an image-folder dataset (`path/<class_name>/*.png|jpg`) as arrays.
+    """Loads a small image-folder dataset (`path/<class_name>/*.png|jpg`) into memory as arrays.
 
     Uses `keras.utils.image_dataset_from_directory`; class indices follow the
-    sorted folder names.
+    sorted folder names. For folders of any size, with split sub-folders,
+    checked files and streaming from disk, use `tfkdp.folders.ImageFolder`
+    (what `--dataset=dir:PATH` uses).
 
     Args:
         path: root folder with one sub-folder per class.
@@ -284,30 +389,6 @@ def validation_split(x, y, fraction=0.1, seed=0):
     return (x[train], y[train]), (x[val], y[val])
 
 
-def _as_float_images(x):
-    x = tf.convert_to_tensor(x)
-    if x.shape.rank == 3:
-        x = x[..., None]
-    if x.dtype == tf.uint8:
-        return tf.cast(x, tf.float32) / 255.0
-    return tf.cast(x, tf.float32)
-
-
-def preprocess(x, mean=None, std=None):
-    """Scales images to float32 in [0, 1] (uint8 input) and standardises them.
-
-    Adds a channel axis to rank-3 input. `mean`/`std` are scalars or
-    per-channel values; `None` leaves the [0, 1] scale. Works on numpy arrays
-    and tensors; used by `make_dataset` and by exporters' calibration.
-    """
-    x = _as_float_images(x)
-    if mean is not None:
-        x = x - tf.constant(mean, tf.float32)
-    if std is not None:
-        x = x / tf.constant(std, tf.float32)
-    return x
-
-
 def make_dataset(
     x,
     y,
@@ -354,55 +435,49 @@ def make_dataset(
         raise ValueError(f"batch_size must be >= 1; received batch_size={batch_size!r}")
     if int(pad) < 0:
         raise ValueError(f"pad must be >= 0; received pad={pad!r}")
-    augment = training if augment is None else augment
     x = np.asarray(x)
     if x.ndim == 3:
         x = x[..., None]
     y = np.asarray(y).astype(np.int32).reshape(-1)
-    height, width, channels = x.shape[1], x.shape[2], x.shape[3]
     dataset = tf.data.Dataset.from_tensor_slices((x, y))
     if training:
         dataset = dataset.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-    if augment and (pad or flip):
-        # Per-image stateless ops keyed by a seeded random stream: every image
-        # gets its own crop/flip, and the same seed replays the same epochs.
-        keys = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
-
-        def _augment(example, key):
-            image, label = example
-            key = tf.cast(key, tf.int32)
-            if pad:
-                image = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]])
-                image = tf.image.stateless_random_crop(image, (height, width, channels), seed=key)
-            if flip:
-                image = tf.image.stateless_random_flip_left_right(image, seed=key[::-1])
-            return image, label
-
-        dataset = tf.data.Dataset.zip((dataset, keys)).map(
-            _augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
-        )
-    dataset = dataset.batch(int(batch_size), drop_remainder=drop_remainder)
-    dataset = dataset.map(
-        lambda images, labels: (preprocess(images, mean, std), labels),
-        num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=True,
-    )
-
-    return dataset.prefetch(tf.data.AUTOTUNE)
+    return batch_images(
+        dataset, x.shape[1:], batch_size, training=training, augment=augment, pad=pad, flip=flip,
+        mean=mean, std=std, seed=seed, drop_remainder=drop_remainder,
+    )  # fmt: skip
 
 
-DATASET_KINDS = ("fashion_mnist", "npz:PATH", "dir:PATH")
+DATASET_KINDS = ("fashion_mnist", "npz:PATH", "cifar10:PATH", "cifar100:PATH", "dir:PATH")
 
 
-def load_dataset(spec, test_fraction=0.2, seed=0):
-    """Loads a dataset named by a spec string, as used by the command-line tools.
+def parse_spec(spec):
+    """Splits a dataset spec into `(kind, path)`: `("fashion_mnist", None)`, `("dir", "imgs")`, ...
+
+    Raises:
+        ValueError: for a spec of another form, listing the allowed ones.
+    """
+    if isinstance(spec, str) and spec == "fashion_mnist":
+        return "fashion_mnist", None
+    if isinstance(spec, str) and ":" in spec:
+        kind, path = spec.split(":", 1)
+        if kind in ("npz", "dir", *_CIFAR) and path:
+            return kind, path
+    raise ValueError(f"dataset must be one of {DATASET_KINDS}; received {spec!r}")
+
+
+def load_dataset(spec, image_size=(28, 28), color_mode="grayscale"):
+    """Loads a dataset named by a spec string into memory, as arrays.
+
+    The pipeline streams `dir:` folders instead (`tfkdp.folders.ImageFolder`);
+    this loads every image of one, for small folders and scripts.
 
     Args:
-        spec: `"fashion_mnist"`, `"npz:PATH"` (see `from_npz`) or `"dir:PATH"`
-            (image folders, see `from_directory`; a `test_fraction` share is held
-            out as the test split).
-        test_fraction: test share for `dir:` datasets.
-        seed: split seed for `dir:` datasets.
+        spec: `"fashion_mnist"`, `"npz:PATH"` (see `from_npz`),
+            `"cifar10:PATH"`/`"cifar100:PATH"` (see `load_cifar`) or
+            `"dir:PATH"` (see `tfkdp.folders.ImageFolder`: its train and val
+            splits are returned as the training arrays).
+        image_size, color_mode: what `dir:` images are resized and converted to.
 
     Returns:
         `((x_train, y_train), (x_test, y_test), num_classes)` with images as
@@ -412,18 +487,24 @@ def load_dataset(spec, test_fraction=0.2, seed=0):
         ValueError: for a spec of another form, listing the allowed ones.
         FileNotFoundError: when the data is not where the spec says.
     """
-    if not isinstance(spec, str) or not spec:
-        raise ValueError(f"dataset must be one of {DATASET_KINDS}; received {spec!r}")
-    if spec == "fashion_mnist":
+    kind, path = parse_spec(spec)
+    num_classes = None
+    if kind == "fashion_mnist":
         (x_train, y_train), (x_test, y_test) = load_fashion_mnist()
-    elif spec.startswith("npz:") and len(spec) > 4:
-        (x_train, y_train), (x_test, y_test) = from_npz(spec[4:])
-    elif spec.startswith("dir:") and len(spec) > 4:
-        x, y, _ = from_directory(spec[4:])
-        (x_train, y_train), (x_test, y_test) = validation_split(x, y, test_fraction, seed)
+    elif kind == "npz":
+        (x_train, y_train), (x_test, y_test) = from_npz(path)
+    elif kind in _CIFAR:
+        (x_train, y_train), (x_test, y_test) = load_cifar(kind, path)
+        num_classes = _CIFAR[kind][3]
     else:
-        raise ValueError(f"dataset must be one of {DATASET_KINDS}; received {spec!r}")
+        from tfkdp.folders import ImageFolder
+
+        folder = ImageFolder(path, image_size, color_mode)
+        (x_tr, y_tr), (x_val, y_val) = folder.arrays("train"), folder.arrays("val")
+        x_train, y_train = np.concatenate([x_tr, x_val]), np.concatenate([y_tr, y_val])
+        (x_test, y_test), num_classes = folder.arrays("test"), folder.num_classes
     if x_train.ndim == 3:
         x_train, x_test = x_train[..., None], x_test[..., None]
-    num_classes = int(max(y_train.max(), y_test.max())) + 1
+    if num_classes is None:
+        num_classes = int(max(y_train.max(), y_test.max())) + 1
     return (x_train, y_train), (x_test, y_test), num_classes

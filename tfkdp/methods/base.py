@@ -31,31 +31,67 @@ __all__ = [
     "names",
 ]
 
-_BUDGET_KINDS = ("macs", "params")
+_BUDGET_KINDS = ("macs", "params", "latency", "latency_ms")
+_LATENCY_RUNTIMES = ("litert", "onnxruntime")
 
 
 @dataclasses.dataclass(frozen=True)
 class Budget:
-    """A compression budget: the fraction of MACs (or parameters) to remove.
+    """A compression budget: MACs, parameters or latency to remove.
 
     Attributes:
-        kind: `"macs"` (multiply-accumulates of one forward pass at batch 1)
-            or `"params"`; a channel ratio is never a budget (see README).
-        reduction: the fraction to remove, in (0, 1).
+        kind: `"macs"` (multiply-accumulates of one forward pass at batch 1),
+            `"params"`, `"latency"` (a fraction of the predicted latency on
+            `runtime`) or `"latency_ms"` (a predicted latency to reach, in
+            milliseconds at batch 1); a channel ratio is never a budget.
+        reduction: the fraction to remove, in (0, 1); for `"latency_ms"`, the
+            target latency in ms (> 0).
+        runtime: the latency kinds' runtime, `"litert"` or `"onnxruntime"`.
+        threads: the latency kinds' runtime threads.
 
     Example:
         >>> Budget.macs(0.5).plan_kwargs()
         {'target_macs_reduction': 0.5}
         >>> Budget.from_dict(Budget.params(0.3).to_dict())
-        Budget(kind='params', reduction=0.3)
+        Budget(kind='params', reduction=0.3, runtime='litert', threads=1)
+        >>> Budget.latency_ms(2.5).plan_kwargs()
+        {'target_latency_ms': 2.5}
     """
 
     kind: str
     reduction: float
+    runtime: str = "litert"
+    threads: int = 1
 
     def __post_init__(self):
         checks.check_choice("budget kind", self.kind, _BUDGET_KINDS)
-        checks.check_fraction(f"target_{self.kind}_reduction", self.reduction)
+        if self.kind == "latency_ms":
+            checks.check_number("target_latency_ms", self.reduction, 0, strict=True)
+        else:
+            checks.check_fraction(f"target_{self.kind}_reduction", self.reduction)
+        checks.check_choice("latency runtime", self.runtime, _LATENCY_RUNTIMES)
+        checks.check_int("latency threads", self.threads, 1)
+
+    @property
+    def is_latency(self):
+        """True for the latency kinds (they need a `LatencyModel`)."""
+        return self.kind.startswith("latency")
+
+    @classmethod
+    def latency(cls, reduction, runtime="litert", threads=1):
+        """Remove `reduction` of the predicted latency on `runtime` with `threads`."""
+        return cls("latency", reduction, runtime, threads)
+
+    @classmethod
+    def latency_ms(cls, ms, runtime="litert", threads=1):
+        """Reach a predicted latency of `ms` milliseconds (batch 1) on `runtime` with `threads`."""
+        return cls("latency_ms", ms, runtime, threads)
+
+    def latency_model(self, model, groups=None):
+        """The `LatencyModel` of `model` for this budget's runtime and threads (cached on disk)."""
+        from tfkdp.pruning.latency_model import LatencyModel
+
+        return LatencyModel(model, runtime=self.runtime, threads=self.threads, groups=groups)
 
     @classmethod
     def macs(cls, reduction):
@@ -82,14 +118,20 @@ class Budget:
 
     def plan_kwargs(self):
         """The `make_plan` keyword for this budget."""
+        if self.kind == "latency_ms":
+            return {"target_latency_ms": self.reduction}
         return {f"target_{self.kind}_reduction": self.reduction}
 
     def to_dict(self):
-        return {"kind": self.kind, "reduction": self.reduction}
+        config = {"kind": self.kind, "reduction": self.reduction}
+        if self.is_latency:
+            config.update(runtime=self.runtime, threads=self.threads)
+        return config
 
     @classmethod
     def from_dict(cls, config):
-        return cls(config["kind"], config["reduction"])
+        return cls(config["kind"], config["reduction"], config.get("runtime", "litert"),
+                   config.get("threads", 1))  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -391,10 +433,13 @@ class Recipe(Method):
         from tfkdp.pruning import allocation, criteria
 
         crit = criteria.get(self.criterion)
+        budget = Budget.of(budget)
+        latency = budget.latency_model(student, groups) if budget.is_latency else None
         return allocation.make_plan(
             student, groups=groups, criterion=crit, allocation=self.allocation,
             min_channels=self.min_channels, round_to=self.round_to, onednn_guard=self.onednn_guard,
-            data=train_data if crit.requires_data else None, **Budget.of(budget).plan_kwargs(),
+            data=train_data if crit.requires_data else None, latency_model=latency,
+            **budget.plan_kwargs(),
         )  # fmt: skip
 
     def record(self, student, budget, groups, plan, phase_epochs):

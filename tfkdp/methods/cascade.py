@@ -448,24 +448,35 @@ class Cascade(Recipe):
         return config
 
     def check_budget(self, budget):
-        """The TAs' levels must lie below the student's budget (`chain_levels`)."""
-        self.chain_levels(budget)
+        """The TAs' levels must lie below the student's budget (`chain_levels`).
 
-    def chain_levels(self, budget):
-        """The reduction of every model of the chain, student first, 0 for the unpruned top."""
+        A budget in milliseconds is checked when the latency model is known (in `prune`).
+        """
+        if Budget.of(budget).kind != "latency_ms":
+            self.chain_levels(budget)
+
+    def chain_levels(self, budget, reduction=None):
+        """The reduction of every model of the chain, student first, 0 for the unpruned top.
+
+        Levels are fractions of the budget's kind (MACs, parameters or predicted
+        latency); `reduction` overrides the student's (a `latency_ms` budget
+        turned into a fraction of the predicted latency).
+        """
         budget = Budget.of(budget)
+        student = budget.reduction if reduction is None else reduction
+        kind = "latency" if budget.kind == "latency_ms" else budget.kind
         if self.levels is not None:
-            bad = [v for v in self.levels if not v < budget.reduction]
+            bad = [v for v in self.levels if not v < student]
             if bad:
                 raise ValueError(
-                    f"cascade levels {bad} are not below the student's target_{budget.kind}_"
-                    f"reduction={budget.reduction}: TAs sit between the student and the unpruned model"
+                    f"cascade levels {bad} are not below the student's target_{kind}_"
+                    f"reduction={student}: TAs sit between the student and the unpruned model"
                 )
             tas = list(self.levels)
         else:
             k = self.num_tas
-            tas = [budget.reduction * j / (k + 1) for j in range(k, 0, -1)]
-        return [budget.reduction, *tas, 0.0]
+            tas = [student * j / (k + 1) for j in range(k, 0, -1)]
+        return [student, *tas, 0.0]
 
     # -- resumable state -------------------------------------------------------
     def _path(self, *parts):
@@ -489,10 +500,11 @@ class Cascade(Recipe):
         os.replace(tmp, path)
 
     # -- the method's steps ------------------------------------------------------
-    def _plan_fn(self, student, budget):
+    def _plan_fn(self, student, budget, latency=None):
         from tfkdp.pruning import allocation
 
         kind = Budget.of(budget).kind
+        kind = "latency" if kind == "latency_ms" else kind
 
         def plan_for(scores, level):
             low = min(float(np.min(s)) for s in scores.values())
@@ -500,7 +512,7 @@ class Cascade(Recipe):
             return allocation.make_plan(
                 student, scores=shifted, allocation=self.allocation, min_channels=self.min_channels,
                 round_to=self.round_to, onednn_guard=self.onednn_guard, verify=False,
-                **{f"target_{kind}_reduction": level},
+                latency_model=latency, **{f"target_{kind}_reduction": level},
             )  # fmt: skip
 
         return plan_for
@@ -534,13 +546,22 @@ class Cascade(Recipe):
         if teacher is None:
             raise ValueError("method='cascade' needs a teacher; received teacher=None")
         budget = Budget.of(budget)
-        levels = self.chain_levels(budget)
         names = self.names
         groups = channel_groups(student)
+        latency = budget.latency_model(student, groups) if budget.is_latency else None
+        reduction = None
+        if budget.kind == "latency_ms":
+            reduction = 1.0 - budget.reduction / latency.base_ms
+            if not 0.0 < reduction < 1.0:
+                raise ValueError(
+                    f"target_latency_ms={budget.reduction} is not below the unpruned model's "
+                    f"predicted {latency.base_ms:.3f} ms on {budget.runtime}"
+                )
+        levels = self.chain_levels(budget, reduction)
         data = val_data if val_data is not None else train_data.take(20)
         data_name = "val" if val_data is not None else "train (first 20 batches)"
         state = self._load_state()
-        plan_fn = self._plan_fn(student, budget)
+        plan_fn = self._plan_fn(student, budget, latency)
         stage1_dir = self._path("stage1")
         if state.get("stage1_done"):
             logging.info("cascade: stage 1 finished before; loading its models")

@@ -364,6 +364,7 @@ class MSKD(Recipe):
 
         # 1. candidates: one plan per (criterion × allocation); identical plans scored once.
         candidates, first_of = [], {}
+        latency = budget.latency_model(student, groups) if budget.is_latency else None
         for criterion in self.criteria:
             for allocation in self.allocations:
                 cid = f"{criterion}/{allocation}"
@@ -374,7 +375,8 @@ class MSKD(Recipe):
                         student, groups=groups, criterion=crit, allocation=allocation,
                         min_channels=self.min_channels, round_to=self.round_to,
                         onednn_guard=self.onednn_guard,
-                        data=pool if crit.requires_data else None, **budget.plan_kwargs(),
+                        data=pool if crit.requires_data else None, latency_model=latency,
+                        **budget.plan_kwargs(),
                     )  # fmt: skip
                     state["plans"][cid] = {
                         "plan": plan.to_json(), "seconds": time.perf_counter() - t0,

@@ -97,6 +97,12 @@ def _raise_on_hazards(plan, groups, hazards):
             )
 
 
+_TARGET_NAMES = {
+    "macs": "target_macs_reduction", "params": "target_params_reduction",
+    "latency_ms": "target_latency_ms", "latency": "target_latency_reduction",
+}  # fmt: skip
+
+
 def _round_up(value, multiple, size):
     return min(size, int(math.ceil(value / multiple) * multiple))
 
@@ -116,8 +122,11 @@ def make_plan(
     tolerance=0.02,
     verify=True,
     onednn_guard="auto",
+    target_latency_ms=None,
+    target_latency_reduction=None,
+    latency_model=None,
 ):
-    """A `PruningPlan` that meets a MAC or parameter reduction target.
+    """A `PruningPlan` that meets a MAC, parameter or latency target.
 
     Args:
         model: the functional model to prune (not modified).
@@ -137,6 +146,13 @@ def make_plan(
         tolerance: allowed relative deviation of the stripped model's MACs
             (or params) from the target's, e.g. 0.02 = 2 %.
         verify: check the analytic count against the stripped model.
+        target_latency_ms: predicted latency (ms, batch 1) the stripped model
+            must not exceed, on `latency_model`'s runtime and threads.
+        target_latency_reduction: fraction of the predicted latency to
+            remove, in (0, 1); give exactly one target in all.
+        latency_model: a `tfkdp.pruning.latency_model.LatencyModel` of
+            `model` (needed by the latency targets; built with its defaults,
+            LiteRT and 1 thread, when omitted).
         onednn_guard: what to do about groups that feed a strided 1×1
             convolution (`tfkdp.onednn.hazardous_groups`), which oneDNN's
             AVX-512 kernel corrupts memory on below 16 input channels:
@@ -160,15 +176,22 @@ def make_plan(
         0.5
     """
 
-    if (target_macs_reduction is None) == (target_params_reduction is None):
+    targets = {
+        "macs": target_macs_reduction, "params": target_params_reduction,
+        "latency_ms": target_latency_ms, "latency": target_latency_reduction,
+    }  # fmt: skip
+    given = [k for k, v in targets.items() if v is not None]
+    if len(given) != 1:
         raise ValueError(
-            "give exactly one of target_macs_reduction and target_params_reduction; received "
-            f"target_macs_reduction={target_macs_reduction!r}, "
-            f"target_params_reduction={target_params_reduction!r}"
+            "give exactly one of target_macs_reduction, target_params_reduction, "
+            "target_latency_ms and target_latency_reduction; received "
+            + ", ".join(f"{_TARGET_NAMES[k]}={v!r}" for k, v in targets.items() if v is not None)
         )
-    kind = "macs" if target_macs_reduction is not None else "params"
-    target_reduction = target_macs_reduction if kind == "macs" else target_params_reduction
-    check_fraction(f"target_{kind}_reduction", target_reduction)
+    kind = given[0]
+    if kind == "latency_ms":
+        check_number("target_latency_ms", target_latency_ms, 0, strict=True)
+    else:
+        check_fraction(_TARGET_NAMES[kind], targets[kind])
     if allocation not in ALLOCATIONS:
         raise ValueError(f"allocation must be one of {ALLOCATIONS}; received allocation={allocation!r}")
     check_int("min_channels", min_channels, 1)
@@ -177,9 +200,18 @@ def make_plan(
     check_fraction("tolerance", tolerance)
 
     cost = CostModel(model, groups)
-    evaluate = cost.macs_for_pruned if kind == "macs" else cost.params_for_pruned
-    base = cost.base_macs if kind == "macs" else cost.base_params
-    target = (1.0 - target_reduction) * base
+    if kind.startswith("latency"):
+        if latency_model is None:
+            from tfkdp.pruning.latency_model import LatencyModel
+
+            latency_model = LatencyModel(model, groups=cost.groups)
+        evaluate = latency_model.predict_pruned
+        base = latency_model.predict_pruned(np.zeros(len(cost.groups), dtype=np.int64))
+    else:
+        evaluate = cost.macs_for_pruned if kind == "macs" else cost.params_for_pruned
+        base = cost.base_macs if kind == "macs" else cost.base_params
+    target = target_latency_ms if kind == "latency_ms" else (1.0 - targets[kind]) * base
+    label = f"{_TARGET_NAMES[kind]}={targets[kind]!r}"
 
     prunable = [i for i, g in enumerate(cost.groups) if g.prunable]
     floors = np.array(
@@ -196,9 +228,11 @@ def make_plan(
         max_pruned[i] = cost.sizes[i] - floors[i]
     smallest = evaluate(max_pruned)
     if smallest > target * (1.0 + tolerance):
+        reach = (f"the fastest reachable predicted latency is {smallest:.3f} ms (the unpruned "
+                 f"model: {base:.3f} ms)" if kind.startswith("latency") else
+                 f"the largest reachable {kind} reduction is {1.0 - smallest / base:.4f}")  # fmt: skip
         raise ValueError(
-            f"target_{kind}_reduction={target_reduction!r} is unreachable: the largest reachable "
-            f"{kind} reduction is {1.0 - smallest / base:.4f} with min_channels={min_channels}, "
+            f"{label} is unreachable: {reach} with min_channels={min_channels}, "
             f"round_to={round_to} ({len(cost.groups) - len(prunable)} of {len(cost.groups)} "
             "groups are not prunable)"
         )
@@ -222,9 +256,11 @@ def make_plan(
         pruned = _uniform_allocation(cost, evaluate, max_pruned, target, round_to)
     pruned = _refine(cost, evaluate, pruned, max_pruned, target, tolerance, round_to)
     achieved = evaluate(pruned)
-    if abs(achieved - target) > tolerance * target:
+    if abs(achieved - target) > tolerance * target and not (
+        kind.startswith("latency") and achieved <= target
+    ):
         raise ValueError(
-            f"target_{kind}_reduction={target_reduction!r} cannot be hit within tolerance={tolerance} "
+            f"{label} cannot be hit within tolerance={tolerance} "
             f"with round_to={round_to}: the closest plan removes {1.0 - achieved / base:.4f}; "
             "use a smaller round_to or a larger tolerance"
         )
@@ -235,11 +271,11 @@ def make_plan(
     plan = PruningPlan(keep)
     if mode == "raise":
         _raise_on_hazards(plan, cost.groups, hazards)
-    if verify:
+    if verify and not kind.startswith("latency"):
         _verify(model, plan, kind, achieved)
     logging.info(
-        "make_plan: %s %s reduction %.4f (target %.4f), %d groups pruned",
-        allocation, kind, 1.0 - achieved / base, target_reduction, len(keep),
+        "make_plan: %s %s reduction %.4f (%s), %d groups pruned",
+        allocation, kind, 1.0 - achieved / base, label, len(keep),
     )
     return plan
 

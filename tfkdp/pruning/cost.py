@@ -57,12 +57,14 @@ class CostModel:
         self.base_macs = 0
         # MAC terms: (macs at full width, [(weight key, axes)]); a product of kept fractions.
         self._mac_terms = []
+        self.term_layers = []  # the layer of each MAC term (for cost models by layer kind)
         for path, macs in metrics.layer_macs(model):
             self.base_macs += macs
             layer = get_layer(model, path)
             handler = get_handler(layer, inherit=True)
             for share, attrs in handler.mac_terms(layer, macs):
                 self._mac_terms.append((share, [(path, attr) for attr in attrs]))
+                self.term_layers.append(layer)
 
     def _kept_dims(self, key, pruned):
         entry = self._weights[key]
@@ -80,8 +82,12 @@ class CostModel:
         return pruned
 
     def macs_for_pruned(self, pruned):
-        total = 0.0
-        for macs, kernels in self._mac_terms:
+        return float(np.sum(self.term_macs(pruned)))
+
+    def term_macs(self, pruned):
+        """MACs of every MAC term (`term_layers` order) for `pruned` channels per group."""
+        out = np.empty(len(self._mac_terms), dtype=np.float64)
+        for i, (macs, kernels) in enumerate(self._mac_terms):
             factor = 1.0
             for key in kernels:
                 if key not in self._weights:
@@ -90,8 +96,8 @@ class CostModel:
                 for full, kept in zip(shape, dims, strict=True):
                     if full != kept:
                         factor *= kept / full
-            total += macs * factor
-        return total
+            out[i] = macs * factor
+        return out
 
     def params_for_pruned(self, pruned):
         total = float(self.base_params)

@@ -1,0 +1,141 @@
+"""Latency budgets: the cost model, its cache, make_plan in milliseconds, methods and pipeline."""
+
+import keras
+import pytest
+from keras import layers
+
+from tfkdp import methods
+from tfkdp.methods import Budget
+from tfkdp.pruning import make_plan
+from tfkdp.pruning.cost import CostModel
+from tfkdp.pruning.latency_model import LatencyModel, layer_kind
+
+
+def _net():
+    inputs = keras.Input((12, 12, 1))
+    x = layers.ReLU()(layers.BatchNormalization()(layers.Conv2D(8, 3, padding="same", name="c1")(inputs)))
+    x = layers.ReLU()(layers.BatchNormalization()(layers.Conv2D(16, 3, padding="same", name="c2")(x)))
+    x = layers.ReLU()(layers.Conv2D(16, 1, name="c3")(x))
+    x = layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, layers.Dense(3, name="logits")(x), name="net")  # fmt: skip
+
+
+def _fake_measure(calls):
+    """A runtime whose latency is 0.02 ms + 3e-6 ms per kxk MAC + 1e-6 ms per 1x1 MAC."""
+
+    def measure(self, keeps):
+        calls.append(len(keeps))
+        out = []
+        for keep in keeps:
+            macs = self.cost.term_macs(self._pruned(keep))
+            kinds = [layer_kind(layer) for layer in self.cost.term_layers]
+            per = {"Conv2D kxk": 3e-6, "Conv2D 1x1": 1e-6}
+            out.append(0.02 + sum(m * per.get(k, 0.0) for m, k in zip(macs, kinds, strict=True)))
+        return out
+
+    return measure
+
+
+@pytest.fixture
+def fake_runtime(monkeypatch):
+    calls = []
+    monkeypatch.setattr(LatencyModel, "measure", _fake_measure(calls))
+    return calls
+
+
+def test_the_fit_recovers_a_linear_runtime_and_is_monotone(fake_runtime, tmp_path):
+    model = _net()
+    lat = LatencyModel(model, cache_dir=str(tmp_path))
+    assert fake_runtime == [1 + 3 + 4]  # full model, 3 widths, 4 random plans, one interleaved run
+    assert lat.coefficients["Conv2D kxk"] == pytest.approx(3e-6, rel=1e-3)
+    assert lat.coefficients["Conv2D 1x1"] == pytest.approx(1e-6, rel=1e-3)
+    assert lat.coefficients["intercept_ms"] == pytest.approx(0.02, rel=1e-3)
+    for row in lat.measurements:
+        assert row["predicted_ms"] == pytest.approx(row["measured_ms"], rel=1e-6)
+    previous = None
+    for k in range(16, 0, -3):  # fewer channels in c2's group: never slower
+        value = lat.predict({"c2": k})
+        assert previous is None or value <= previous
+        previous = value
+
+
+def test_the_cache_is_keyed_by_structure_and_reused_without_timing(fake_runtime, tmp_path):
+    first = LatencyModel(_net(), cache_dir=str(tmp_path))
+    renamed = keras.models.clone_model(_net())
+    renamed.name = "another_name"
+    second = LatencyModel(renamed, cache_dir=str(tmp_path))
+    assert not first.from_cache and second.from_cache and len(fake_runtime) == 1
+    assert second.coefficients == first.coefficients
+    LatencyModel(_net(), threads=2, cache_dir=str(tmp_path))  # another thread count: timed again
+    assert len(fake_runtime) == 2
+
+
+def test_latency_budgets_plan_in_predicted_milliseconds(fake_runtime, tmp_path):
+    model = _net()
+    lat = LatencyModel(model, cache_dir=str(tmp_path))
+    mac_plan = make_plan(model, target_macs_reduction=0.5)
+    fast = make_plan(model, target_latency_ms=0.5 * lat.base_ms, latency_model=lat)
+    slow = make_plan(model, target_latency_reduction=0.2, latency_model=lat)
+    assert lat.predict(fast) <= 0.5 * lat.base_ms * 1.02
+    assert lat.predict(fast) < lat.predict(slow) < lat.base_ms
+    cost = CostModel(model)
+    # The plan with fewer MACs is predicted faster (the fake runtime is linear in MACs).
+    plans = sorted([mac_plan, fast, slow], key=cost.macs)
+    assert [lat.predict(p) for p in plans] == sorted(lat.predict(p) for p in plans)
+    with pytest.raises(ValueError, match=r"fastest reachable predicted latency is 0\.0\d+ ms"):
+        make_plan(model, target_latency_ms=0.001, latency_model=lat)
+    with pytest.raises(ValueError, match="exactly one of"):
+        make_plan(model, target_macs_reduction=0.5, target_latency_ms=1.0, latency_model=lat)
+
+
+def test_a_real_fit_on_litert_times_each_width_once(tmp_path):
+    model = _net()
+    lat = LatencyModel(model, widths=(0.5,), random_plans=0, repeat=6, cache_dir=str(tmp_path))
+    assert len(lat.measurements) == 2 and all(r["measured_ms"] > 0 for r in lat.measurements)
+    assert lat.build_seconds > 0 and lat.predict({"c2": 4}) <= lat.base_ms
+    assert LatencyModel(model, widths=(0.5,), random_plans=0, repeat=6,
+                        cache_dir=str(tmp_path)).from_cache  # fmt: skip
+
+
+def test_budget_kinds_round_trip_and_reject_bad_values():
+    budget = Budget.latency_ms(2.5, runtime="onnxruntime", threads=2)
+    assert Budget.from_dict(budget.to_dict()) == budget and budget.is_latency
+    assert budget.plan_kwargs() == {"target_latency_ms": 2.5}
+    assert Budget.latency(0.4).plan_kwargs() == {"target_latency_reduction": 0.4}
+    with pytest.raises(ValueError, match="target_latency_ms"):
+        Budget.latency_ms(0.0)
+    with pytest.raises(ValueError, match="latency runtime"):
+        Budget.latency_ms(1.0, runtime="tensorrt")
+
+
+@pytest.mark.parametrize("name", ["kdp", "prune_only", "ddsl", "pdc"])
+def test_the_recipes_plan_to_a_latency_budget(name, fake_runtime, tmp_path, monkeypatch):
+    monkeypatch.setenv("TFKDP_CACHE", str(tmp_path))
+    from tfkdp.pruning.analysis import channel_groups
+
+    model = _net()
+    method = methods.get(name)
+    plan = method.make_plan(model, channel_groups(model), Budget.latency(0.4), None)
+    lat = LatencyModel(model)  # from the cache the method filled
+    assert lat.from_cache and len(fake_runtime) == 1
+    assert lat.predict(plan) <= 0.6 * lat.base_ms * 1.02
+    assert method.base_record(Budget.latency(0.4))["budget"] == {
+        "kind": "latency", "reduction": 0.4, "runtime": "litert", "threads": 1,
+    }  # fmt: skip
+    assert CostModel(model).macs(plan) < CostModel(model).base_macs
+
+
+def test_pipeline_checks_a_latency_budget_before_training(fake_runtime, tmp_path, monkeypatch, tiny_teacher):
+    import os
+
+    from test_pipeline import _values
+
+    from tfkdp.pipelines import workflow
+
+    monkeypatch.setenv("TFKDP_CACHE", str(tmp_path / "cache"))
+    values = _values(tmp_path, teacher=tiny_teacher, target_latency_ms=1e-6)
+    with pytest.raises(ValueError, match="--target_latency_ms=1e-06 is not reachable.*fastest reachable"):
+        workflow.run(values)
+    assert not os.path.exists(os.path.join(values["output_dir"], "compress"))
+    with pytest.raises(ValueError, match="does not apply to --method=weight"):
+        workflow.run(_values(tmp_path, teacher=tiny_teacher, method="weight", target_latency_ms=1.0))
