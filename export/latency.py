@@ -146,7 +146,9 @@ def benchmark_latency(
     how threads are controlled per runtime; TF runs in a subprocess.
 
     Args:
-        artifacts: `{format: path}`, e.g. the result of `export_model`.
+        artifacts: `{format: path}`, e.g. the result of `export_model`; a key
+            may carry a label, `"label:format"` (e.g. `"teacher:tflite"`), to
+            time two artifacts of one format in the same interleaved run.
         input_shape: shape of one sample without the batch dimension, e.g.
             `(28, 28, 1)`; must be fully defined.
         threads: thread counts to measure, e.g. `(1, 2)`.
@@ -156,7 +158,8 @@ def benchmark_latency(
         seed: seed of the input noise.
 
     Returns:
-        A list of rows, one per artifact × thread count: `format`, `runtime`,
+        A list of rows, one per artifact × thread count: `format`, `label`
+            (the key's label, or None), `runtime`,
         `threads`, `batch_size`, `p50_ms`, `p90_ms`, `mean_ms`, `std_ms`
         (milliseconds per inference), `size_bytes` (file size, or total size
         of the SavedModel folder), `path`, `repeat`, `rounds` (interleaved
@@ -177,7 +180,7 @@ def benchmark_latency(
     """
     if not isinstance(artifacts, dict) or not artifacts:
         raise ValueError(f"artifacts must be a non-empty {{format: path}} dict; received {artifacts!r}")
-    unknown = [f for f in artifacts if f not in RUNTIMES]
+    unknown = [f for f in artifacts if _format_of(f) not in RUNTIMES]
     if unknown:
         raise ValueError(f"unknown artifact format(s) {unknown}; valid formats are {', '.join(RUNTIMES)}")
     try:
@@ -204,30 +207,36 @@ def benchmark_latency(
     times, calls = {}, {}
     try:
         for fmt, path, n in cells:
-            if RUNTIMES[fmt] != "tensorflow":
-                runner = open_runner(fmt, path, num_threads=n)
+            if RUNTIMES[_format_of(fmt)] != "tensorflow":
+                runner = open_runner(_format_of(fmt), path, num_threads=n)
                 calls[(fmt, n)] = (runner.run, runner.prepare(x))
         times.update(_interleaved_times(calls, warmup, repeat, rounds, seed))
     finally:
         runner = None
         calls.clear()  # free interpreters and sessions before TF's subprocess runs
     for fmt, path, n in cells:
-        if RUNTIMES[fmt] == "tensorflow":
+        if RUNTIMES[_format_of(fmt)] == "tensorflow":
             times[(fmt, n)] = _tf_times(path, input_shape, n, batch_size, warmup, repeat, seed)
     return [
         {
-            "format": fmt,
-            "runtime": RUNTIMES[fmt],
+            "format": _format_of(fmt),
+            "label": fmt.rpartition(":")[0] or None,
+            "runtime": RUNTIMES[_format_of(fmt)],
             "threads": n,
             "batch_size": batch_size,
             **summarize(times[(fmt, n)]),
             "size_bytes": int(tree_size_bytes(path)),
             "path": path,
             "repeat": repeat,
-            "rounds": 1 if RUNTIMES[fmt] == "tensorflow" else rounds,
+            "rounds": 1 if RUNTIMES[_format_of(fmt)] == "tensorflow" else rounds,
         }
         for fmt, path, n in cells
     ]
+
+
+def _format_of(key):
+    """The format of an artifact key, `"format"` or `"label:format"`."""
+    return key.rpartition(":")[2]
 
 
 def _interleaved_times(calls, warmup, repeat, rounds, seed):

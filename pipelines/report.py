@@ -81,6 +81,7 @@ def markdown(report):
             f"| {a.get('threads', '-')} | {_fmt(pe.get('size_bytes'), '.2f')} "
             f"| {_fmt(pe.get('gzip_bytes'), '.2f')} | {_fmt(pe.get('latency_ms_p50'), '.2f')} |"
         )
+    lines += _comparison_markdown(report.get("latency_comparison") or [])
     lines += _rejected_markdown(report.get("rejected") or [])
     extra = (report.get("method_report") or {}).get("markdown")
     if extra:
@@ -93,6 +94,31 @@ def markdown(report):
 
 def _cell(text):
     return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def _comparison_markdown(rows):
+    """Teacher vs student latency per runtime and threads, with the speedup over the MAC speedup."""
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## Teacher vs student latency",
+        "",
+        "Float32 models on each runtime, batch 1, timed in the same interleaved blocks. A "
+        "speedup ÷ MAC speedup below 1 means the runtime gains less than the MAC count promises.",
+        "",
+        "| runtime | format | threads | teacher p50 ms | teacher p90 ms | student p50 ms "
+        "| student p90 ms | speedup | MAC speedup | speedup ÷ MAC speedup |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['runtime']} | {r['format']} | {r['threads']} | {_fmt(r['teacher_p50_ms'], '.3f')} "
+            f"| {_fmt(r['teacher_p90_ms'], '.3f')} | {_fmt(r['student_p50_ms'], '.3f')} "
+            f"| {_fmt(r['student_p90_ms'], '.3f')} | {_fmt(r['speedup'], '.2f')} "
+            f"| {_fmt(r['mac_speedup'], '.2f')} | {_fmt(r['speedup_over_mac_speedup'], '.2f')} |"
+        )
+    return lines
 
 
 def _rejected_markdown(rejected):
@@ -165,10 +191,21 @@ def plots(report, out_dir):
         figure = _figure()
         axis = figure.add_subplot()
         labels = [f"{a['format']}\n{a.get('runtime', '')} t{a.get('threads', '')}" for a in timed]
-        axis.bar(range(len(timed)), [a["latency_ms_p50"] for a in timed], color="tab:blue")
-        axis.set_xticks(range(len(timed)), labels, rotation=45, ha="right", fontsize=7)
+        teacher_p50 = {(r["format"], r["threads"]): r["teacher_p50_ms"]
+                       for r in report.get("latency_comparison") or []}  # fmt: skip
+        positions = range(len(timed))
+        axis.bar([p + 0.2 for p in positions], [a["latency_ms_p50"] for a in timed], width=0.4,
+                 color="tab:blue", label="student")  # fmt: skip
+        teacher_bars = [(p, teacher_p50.get((a["format"], a.get("threads"))))
+                        for p, a in zip(positions, timed, strict=True)]  # fmt: skip
+        teacher_bars = [(p, v) for p, v in teacher_bars if v is not None]
+        if teacher_bars:
+            axis.bar([p - 0.2 for p, _ in teacher_bars], [v for _, v in teacher_bars], width=0.4,
+                     color="tab:gray", label="teacher (float32)")  # fmt: skip
+            axis.legend(fontsize=7)
+        axis.set_xticks(positions, labels, rotation=45, ha="right", fontsize=7)
         axis.set_ylabel("p50 latency (ms, batch 1)")
-        axis.set_title("latency per format")
+        axis.set_title("latency per format (teacher next to the student)")
         paths["latency"] = os.path.join(out_dir, "latency.png")
         _save(figure, paths["latency"])
 

@@ -510,18 +510,37 @@ def _verified_artifacts(ctx):
 
 
 def stage_latency(ctx, work):
+    """Times the verified artifacts and, in the same interleaved blocks, the teacher's float32 tflite.
+
+    The teacher (unless it is a SavedModel, which is inference-only) is
+    converted to `latency/teacher/model.tflite` (and `model.onnx` when the
+    student has an onnx artifact) and timed as `teacher:tflite` next to the
+    student's artifacts, so a busy machine biases neither side; its rows carry
+    `label: "teacher"`.
+    """
     from tfkdp import export
 
-    artifacts = _verified_artifacts(ctx)
+    artifacts = dict(_verified_artifacts(ctx))
     if not artifacts:
         logging.warning("no artifact passed verification: nothing to time")
+    teacher_artifact = None
+    if artifacts and not os.path.isdir(_teacher_path(ctx)):
+        formats = ("tflite", "onnx") if "onnx" in artifacts else ("tflite",)
+        paths = export.export_model(load_teacher(ctx), os.path.join(work, "teacher"),
+                                    formats=formats)  # fmt: skip
+        teacher_artifact = os.path.relpath(paths["tflite"], work)  # the stage folder is renamed
+        for fmt in formats:
+            artifacts[f"teacher:{fmt}"] = paths[fmt]
     rows = export.benchmark_latency(
         artifacts, ctx.input_shape,
         threads=tuple(int(t) for t in ctx.flags["threads"]),
         repeat=ctx.flags["latency_repeat"],
     ) if artifacts else []
+    for row in rows:
+        if row.get("label") == "teacher":  # where it will be once the stage folder is in place
+            row["path"] = os.path.join(ctx.runner.stage_dir("latency"), os.path.relpath(row["path"], work))
     write_json_atomic(os.path.join(work, "latency.json"), rows)
-    return {"rows": rows}
+    return {"rows": rows, "teacher_artifact": teacher_artifact}
 
 
 def stage_report(ctx, work):
@@ -530,11 +549,12 @@ def stage_report(ctx, work):
     Performance Efficiency (`tfkdp.metrics.performance_efficiency`) takes the
     teacher as the reference: for non-zero parameters and MACs its Keras
     model; for file size, gzip size and latency its float32 `tflite` export,
-    converted and timed here on the first `--threads` count (and every
-    other) with the student's settings. The accuracy is the student's Keras
-    test accuracy for every cost.
+    timed by the latency stage interleaved with the student's artifacts. The
+    accuracy is the student's Keras test accuracy for every cost.
+    `latency_comparison` puts teacher and student side by side per runtime and
+    thread count: p50/p90, speedup, and speedup ÷ MAC speedup.
     """
-    from tfkdp import export, metrics
+    from tfkdp import metrics
     from tfkdp.export._atomic import gzip_size_bytes
 
     runner = ctx.runner
@@ -557,27 +577,27 @@ def stage_report(ctx, work):
          "failed_checks": [c for c in verify[fmt].get("checks", []) if not c["passed"]]}
         for fmt, entry in runner.record("verify")["summary"].get("rejected", {}).items()
     ]  # fmt: skip
-    latency = runner.record("latency")["summary"]["rows"]
-    threads = tuple(int(t) for t in ctx.flags["threads"])
+    summary = runner.record("latency")["summary"]
+    all_rows = summary["rows"]
+    latency = [r for r in all_rows if r.get("label") is None]
+    teacher_rows = [r for r in all_rows if r.get("label") == "teacher"]
 
-    # The teacher's reference costs (a SavedModel teacher is inference-only: none).
+    # The teacher's reference costs (a SavedModel teacher is inference-only: none): its
+    # float32 tflite, timed by the latency stage in the same interleaved blocks.
     reference = None
     teacher["nonzero_params"] = None
     if not os.path.isdir(_teacher_path(ctx)):
-        import tempfile
-
-        teacher_model = load_teacher(ctx)
-        teacher["nonzero_params"] = metrics.count_nonzero_params(teacher_model)
-        # Measured, not kept: the report folder holds files only (run() copies them out).
-        with tempfile.TemporaryDirectory(dir=work) as scratch:
-            paths = export.export_model(teacher_model, scratch, formats=("tflite",))
-            rows = export.benchmark_latency(
-                dict(paths), ctx.input_shape, threads=threads, repeat=ctx.flags["latency_repeat"]
-            )
+        teacher["nonzero_params"] = metrics.count_nonzero_params(load_teacher(ctx))
+        path = summary.get("teacher_artifact")
+        path = ctx.path("latency", path) if path else None
+        if path and os.path.exists(path):
             reference = {
-                "format": "tflite", "size_bytes": tree_size_bytes(paths["tflite"]),
-                "gzip_bytes": gzip_size_bytes(paths["tflite"]),
-                "latency_ms_p50": {str(r["threads"]): r["p50_ms"] for r in rows},
+                "format": "tflite", "size_bytes": tree_size_bytes(path),
+                "gzip_bytes": gzip_size_bytes(path),
+                "latency_ms_p50": {str(r["threads"]): r["p50_ms"] for r in teacher_rows
+                                   if r["format"] == "tflite"},
+                "latency_ms_p90": {str(r["threads"]): r["p90_ms"] for r in teacher_rows
+                                   if r["format"] == "tflite"},
             }  # fmt: skip
     teacher["reference_artifact"] = reference
 
@@ -587,6 +607,24 @@ def stage_report(ctx, work):
         return metrics.performance_efficiency(
             student["accuracy"], teacher["accuracy"], cost, reference_cost
         )
+
+    # Teacher and student side by side, per runtime and thread count (same format, float32).
+    mac_speedup = teacher["macs"] / student["macs"] if teacher.get("macs") and student.get("macs") else None
+    comparison = []
+    for t in teacher_rows:
+        s_row = next((r for r in latency if r["format"] == t["format"]
+                      and r["threads"] == t["threads"]), None)  # fmt: skip
+        if s_row is None:
+            continue
+        speedup = t["p50_ms"] / s_row["p50_ms"] if s_row["p50_ms"] else None
+        comparison.append({
+            "format": t["format"], "runtime": t["runtime"], "threads": t["threads"],
+            "teacher_p50_ms": t["p50_ms"], "teacher_p90_ms": t["p90_ms"],
+            "student_p50_ms": s_row["p50_ms"], "student_p90_ms": s_row["p90_ms"],
+            "speedup": speedup, "mac_speedup": mac_speedup,
+            "speedup_over_mac_speedup": (speedup / mac_speedup
+                                         if speedup and mac_speedup else None),
+        })  # fmt: skip
 
     student["performance_efficiency"] = {
         "reference": "teacher",
@@ -622,6 +660,7 @@ def stage_report(ctx, work):
     stages = {s: runner.record(s)["seconds"] for s in STAGES if s != "report" and runner.done(s)}
     report = {
         "teacher": teacher, "student": student, "artifacts": artifacts, "rejected": rejected,
+        "latency_comparison": comparison,
         "stages": stages,
         "flags": ctx.flags, "baselines": compress.get("baselines", []),
         # The method's own tables and plots (e.g. mskd's candidates, ddsl's dean.png).

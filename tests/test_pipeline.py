@@ -116,6 +116,18 @@ def test_pipeline_end_to_end_then_resume_after_crash(tmp_path, monkeypatch):
     assert calls == ["export", "verify", "latency", "report"]
     assert "| teacher |" in markdown and "| tflite |" in markdown
     _check_report(out)
+    # The teacher's float32 artifacts were timed in the same run as the student's, side by side.
+    with open(os.path.join(out, "report.json")) as f:
+        report = json.load(f)
+    rows = {(r["runtime"], r["threads"]): r for r in report["latency_comparison"]}
+    assert set(rows) == {("litert", 1), ("onnxruntime", 1)}
+    for row in rows.values():
+        assert row["speedup"] == pytest.approx(row["teacher_p50_ms"] / row["student_p50_ms"])
+        assert row["speedup_over_mac_speedup"] == pytest.approx(row["speedup"] / row["mac_speedup"])
+    assert report["teacher"]["reference_artifact"]["latency_ms_p50"]["1"] == rows[("litert", 1)]["teacher_p50_ms"]
+    assert "## Teacher vs student latency" in markdown
+    with open(os.path.join(out, "latency", "latency.json")) as f:
+        assert {r.get("label") for r in json.load(f)} == {None, "teacher"}
 
     # changing a flag that invalidates finished stages is refused, naming it
     with pytest.raises(FlagMismatchError, match="target_macs_reduction"):
