@@ -267,7 +267,7 @@ def test_pipeline_runs_cascade_end_to_end(tmp_path, tiny_teacher):
     from tfkdp.pipelines import workflow
 
     values = _values(tmp_path, method="cascade", teacher=tiny_teacher, formats=["tflite"], teacher_epochs=1,
-                     finetune_epochs=0, cascade_num_tas=0)  # fmt: skip
+                     finetune_epochs=0, cascade_num_tas=0, cascade_stage2_epochs=0)  # fmt: skip
     workflow.run(values)
     with open(os.path.join(values["output_dir"], "report.json")) as f:
         report = json.load(f)

@@ -105,12 +105,12 @@ def test_schedule_ends_on_a_pruning_step_at_the_target():
     assert bool(should) and float(sparsity) == pytest.approx(0.5)
 
 
-def test_pipeline_runs_method_weight_end_to_end_with_tflite_sparse(tmp_path, tiny_teacher):
+def test_pipeline_runs_method_weight_end_to_end_with_tflite_sparse(tmp_path):
     from tests.test_pipeline import _values
     from tfkdp.pipelines import workflow
 
     values = _values(
-        tmp_path, method="weight", teacher=tiny_teacher, weight_order="sequential", target_sparsity=0.75,
+        tmp_path, method="weight", weight_order="sequential", target_sparsity=0.75,
         teacher_epochs=1, compress_epochs=2, finetune_epochs=1, formats=["tflite", "tflite_sparse"],
         latency_repeat=3,
     )  # fmt: skip

@@ -305,7 +305,7 @@ def load_cifar(kind, path):
 
     Example:
         >>> (x, y), _ = load_cifar("cifar10", "~/data/cifar-10-batches-py")  # doctest: +SKIP
-        >>> x.shape
+        >>> x.shape  # doctest: +SKIP
         (50000, 32, 32, 3)
     """
     if kind not in _CIFAR:
