@@ -213,6 +213,30 @@ class Method:
         """
         return {"training": training}
 
+    def load_state(self, filename):
+        """The JSON object saved as `filename` in `state_dir`, or None (no `state_dir` or no file)."""
+        import json
+        import os
+
+        if self.state_dir is None:
+            return None
+        path = os.path.join(self.state_dir, filename)
+        if not os.path.exists(path):
+            return None
+        with open(path) as f:
+            return json.load(f)
+
+    def save_state(self, filename, state):
+        """Writes `state` as JSON to `state_dir/filename` atomically (nothing without a `state_dir`)."""
+        import os
+
+        from tfkdp.export._atomic import write_json_atomic
+
+        if self.state_dir is None:
+            return
+        os.makedirs(self.state_dir, exist_ok=True)
+        write_json_atomic(os.path.join(self.state_dir, filename), state)
+
     def report(self, record, out_dir):
         """Method-specific report parts from a finished run's `record`.
 

@@ -42,7 +42,6 @@ Reference:
 """
 
 import dataclasses
-import json
 import os
 import time
 
@@ -482,23 +481,6 @@ class Cascade(Recipe):
     def _path(self, *parts):
         return None if self.state_dir is None else os.path.join(self.state_dir, *parts)
 
-    def _load_state(self):
-        path = self._path(_STATE_FILE)
-        if path is None or not os.path.exists(path):
-            return {}
-        with open(path) as f:
-            return json.load(f)
-
-    def _save_state(self, state):
-        path = self._path(_STATE_FILE)
-        if path is None:
-            return
-        os.makedirs(self.state_dir, exist_ok=True)
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(state, f)
-        os.replace(tmp, path)
-
     # -- the method's steps ------------------------------------------------------
     def _plan_fn(self, student, budget, latency=None):
         from tfkdp.pruning import allocation
@@ -560,7 +542,7 @@ class Cascade(Recipe):
         levels = self.chain_levels(budget, reduction)
         data = val_data if val_data is not None else train_data.take(20)
         data_name = "val" if val_data is not None else "train (first 20 batches)"
-        state = self._load_state()
+        state = self.load_state(_STATE_FILE) or {}
         plan_fn = self._plan_fn(student, budget, latency)
         stage1_dir = self._path("stage1")
         if state.get("stage1_done"):
@@ -579,7 +561,7 @@ class Cascade(Recipe):
                 for name, model in zip(names, masked, strict=True):
                     model.save(os.path.join(stage1_dir, f"{name}.keras"))
                 state.update(stage1_done=True, record=record, history=history["stage1"])
-                self._save_state(state)
+                self.save_state(_STATE_FILE, state)
         plans = [record["plans"][n] for n in names]
         from tfkdp.pruning.plan import PruningPlan
 
@@ -638,7 +620,7 @@ class Cascade(Recipe):
 
             class _SaveOverlap(keras.callbacks.Callback):
                 def on_epoch_end(self, epoch, logs=None):
-                    method._save_state(dict(state, overlap=refresh.overlap))
+                    method.save_state(_STATE_FILE, dict(state, overlap=refresh.overlap))
 
             callbacks = [keras.callbacks.BackupAndRestore(self._path("stage1", "backup")),
                          *callbacks, _SaveOverlap()]  # fmt: skip
@@ -686,7 +668,7 @@ class Cascade(Recipe):
         method = self
 
         def save(callback):
-            method._save_state(dict(
+            method.save_state(_STATE_FILE, dict(
                 state, teacher_accuracy=accs, events=callback.events, curve=callback.curve,
                 teacher_index=int(keras.ops.convert_to_numpy(switch.index)),
             ))  # fmt: skip

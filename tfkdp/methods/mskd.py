@@ -59,7 +59,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 
 import numpy as np
@@ -92,18 +91,6 @@ def _names(option, values, check):
 def _plan_key(plan):
     keep = {gid: sorted(int(c) for c in channels) for gid, channels in plan.items()}
     return hashlib.sha1(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def _write_json_atomic(path, payload):
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _log_softmax(z):
@@ -266,25 +253,19 @@ class MSKD(Recipe):
         }
 
     def _load_state(self, signature):
-        if self.state_dir is None:
-            return {"signature": signature, "plans": {}, "zero_shot": {}, "short_kd": {}}
-        path = os.path.join(self.state_dir, STATE_FILE)
-        if os.path.exists(path):
-            with open(path) as f:
-                state = json.load(f)
-            if state.get("signature") == signature:
-                logging.info(
-                    "mskd: resuming the selection (%d plans, %d zero-shot and %d short-KD scores done)",
-                    len(state["plans"]), len(state["zero_shot"]), len(state["short_kd"]),
-                )  # fmt: skip
-                return state
-            logging.info("mskd: selection state in %s is for other settings; starting over", path)
-        return {"signature": signature, "plans": {}, "zero_shot": {}, "short_kd": {}}
-
-    def _save_state(self, state):
-        if self.state_dir is not None:
-            os.makedirs(self.state_dir, exist_ok=True)
-            _write_json_atomic(os.path.join(self.state_dir, STATE_FILE), state)
+        fresh = {"signature": signature, "plans": {}, "zero_shot": {}, "short_kd": {}}
+        state = self.load_state(STATE_FILE)
+        if state is None:
+            return fresh
+        if state.get("signature") == signature:
+            logging.info(
+                "mskd: resuming the selection (%d plans, %d zero-shot and %d short-KD scores done)",
+                len(state["plans"]), len(state["zero_shot"]), len(state["short_kd"]),
+            )  # fmt: skip
+            return state
+        logging.info("mskd: selection state in %s is for other settings; starting over",
+                     os.path.join(self.state_dir, STATE_FILE))  # fmt: skip
+        return fresh
 
     def _weights_path(self, key):
         return os.path.join(self.state_dir, f"short_kd_{key}.weights.h5")
@@ -381,7 +362,7 @@ class MSKD(Recipe):
                     state["plans"][cid] = {
                         "plan": plan.to_json(), "seconds": time.perf_counter() - t0,
                     }  # fmt: skip
-                    self._save_state(state)
+                    self.save_state(STATE_FILE, state)
                 plan = PruningPlan.from_json(state["plans"][cid]["plan"])
                 key = _plan_key(plan)
                 macs, params = plan_macs(student, plan), plan_params(student, plan)
@@ -425,7 +406,7 @@ class MSKD(Recipe):
                     student, c["plan"], pool, val, teacher_logits, temperature, bn_batches
                 )
                 state["zero_shot"][c["key"]] = dict(scores, seconds=time.perf_counter() - t0)
-                self._save_state(state)
+                self.save_state(STATE_FILE, state)
                 logging.info("mskd zero-shot %s: %s", c["id"], state["zero_shot"][c["key"]])
 
         def rank(scores):
@@ -445,7 +426,7 @@ class MSKD(Recipe):
             self._save_weights(masked, c["key"])
             trained[c["key"]] = masked
             state["short_kd"][c["key"]] = dict(scores, seconds=time.perf_counter() - t0)
-            self._save_state(state)
+            self.save_state(STATE_FILE, state)
             logging.info("mskd short KD %s: %s", c["id"], state["short_kd"][c["key"]])
         winner = min(top, key=lambda c: rank(state["short_kd"][c["key"]]))
         model = trained.get(winner["key"])

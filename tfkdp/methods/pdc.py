@@ -36,7 +36,6 @@ Reference:
 """
 
 import dataclasses
-import json
 import os
 
 import numpy as np
@@ -110,27 +109,6 @@ class PDC(Recipe):
         config.update(epsilon=self.epsilon, bn_factor=self.bn_factor, seed=self.seed)
         return config
 
-    # -- resumable state -------------------------------------------------------
-    def _state_path(self):
-        return None if self.state_dir is None else os.path.join(self.state_dir, _STATE_FILE)
-
-    def _load_state(self):
-        path = self._state_path()
-        if path is None or not os.path.exists(path):
-            return None
-        with open(path) as f:
-            return json.load(f)
-
-    def _save_state(self, state):
-        path = self._state_path()
-        if path is None:
-            return
-        os.makedirs(self.state_dir, exist_ok=True)
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(state, f)
-        os.replace(tmp, path)
-
     def _callbacks(self, student, clusters, state):
         """The distance monitor, and (with a `state_dir`) a checkpoint per epoch."""
         import keras
@@ -144,7 +122,7 @@ class PDC(Recipe):
 
             class _SaveCurve(keras.callbacks.Callback):
                 def on_epoch_end(self, epoch, logs=None):
-                    method._save_state(dict(state, curve=monitor.curve))
+                    method.save_state(_STATE_FILE, dict(state, curve=monitor.curve))
 
             backup = keras.callbacks.BackupAndRestore(os.path.join(self.state_dir, "backup"))
             callbacks = [backup, monitor, _SaveCurve()]
@@ -171,7 +149,7 @@ class PDC(Recipe):
         if teacher is None:
             raise ValueError("method='pdc' needs a teacher; received teacher=None")
         groups = channel_groups(student)
-        state = self._load_state()
+        state = self.load_state(_STATE_FILE)
         if state is not None:
             clusters = validate_clusters(student, state["clusters"])
             logging.info("pdc: resuming with the saved clusters of %d groups", len(clusters))
@@ -180,7 +158,7 @@ class PDC(Recipe):
             counts = {gid: len(keep) for gid, keep in plan.items()}
             clusters = cluster_channels(student, counts, seed=self.seed)
             state = {"clusters": clusters}
-            self._save_state(state)
+            self.save_state(_STATE_FILE, state)
         plan = cluster_plan(clusters)
         rule = Centripetal(student, clusters, epsilon=self.epsilon, bn_factor=self.bn_factor)
         monitor, callbacks = self._callbacks(student, clusters, state)

@@ -289,10 +289,9 @@ class LatencyModel:
             "kinds": self.kinds, "coefficients": self.coefficients,
             "measurements": self.measurements, "build_seconds": self.build_seconds,
         }  # fmt: skip
-        tmp = f"{self._cache_path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(payload, f, indent=1)
-        os.replace(tmp, self._cache_path)
+        from tfkdp.export._atomic import write_json_atomic
+
+        write_json_atomic(self._cache_path, payload)
 
     def to_dict(self):
         """The fit, for reports."""
