@@ -24,6 +24,8 @@ Example:
 import dataclasses
 import difflib
 
+from absl import logging
+
 from tfkdp import checks
 
 __all__ = [
@@ -392,7 +394,8 @@ class Recipe(Method):
     Args:
         admm_epochs: epochs of the first phase (ADMM + KD for `kdp`, >= 1
             there); the baselines train `admm_epochs + finetune_epochs`.
-        finetune_epochs: epochs after the hard prune (>= 0).
+        finetune_epochs: epochs after the hard prune (>= 0); default 1, or 0
+            for a recipe with `no_finetune`.
         criterion: importance criterion (`tfkdp.pruning.criteria.names()`).
         allocation: `"global"` or `"uniform"` (see `make_plan`).
         min_channels: fewest channels a pruned group keeps.
@@ -404,10 +407,20 @@ class Recipe(Method):
     """
 
     first_phase_minimum = 0
+    #: Why a recipe has no separate fine-tune phase, or None. When set,
+    #: `finetune_epochs` defaults to 0 and any other value is a `ValueError`
+    #: giving this reason; `pipeline_options` ignores `--finetune_epochs` (logged).
+    no_finetune = None
 
-    def __init__(self, admm_epochs=1, finetune_epochs=1, criterion="l1", allocation="global",
+    def __init__(self, admm_epochs=1, finetune_epochs=None, criterion="l1", allocation="global",
                  min_channels=1, round_to=1, training=None, onednn_guard="auto"):  # fmt: skip
         self.admm_epochs = checks.check_int("admm_epochs", admm_epochs, self.first_phase_minimum)
+        if finetune_epochs is None:
+            finetune_epochs = 0 if self.no_finetune else 1
+        if self.no_finetune and finetune_epochs != 0:
+            raise ValueError(
+                f"{self.name} {self.no_finetune}; received finetune_epochs={finetune_epochs!r}"
+            )
         self.finetune_epochs = checks.check_int("finetune_epochs", finetune_epochs, 0)
         if self.admm_epochs + self.finetune_epochs < 1:
             raise ValueError(
@@ -431,8 +444,13 @@ class Recipe(Method):
     @classmethod
     def pipeline_options(cls, flags, training):
         """`--compress_epochs` → `admm_epochs`, `--finetune_epochs`, `--criterion`, `--round_to`."""
+        finetune_epochs = flags["finetune_epochs"]
+        if cls.no_finetune and finetune_epochs:
+            logging.info("%s: --finetune_epochs=%d ignored (%s)", cls.name, finetune_epochs,
+                         cls.no_finetune)  # fmt: skip
+            finetune_epochs = 0
         return {
-            "admm_epochs": flags["compress_epochs"], "finetune_epochs": flags["finetune_epochs"],
+            "admm_epochs": flags["compress_epochs"], "finetune_epochs": finetune_epochs,
             "criterion": flags["criterion"], "round_to": flags["round_to"], "training": training,
         }  # fmt: skip
 

@@ -371,15 +371,10 @@ class Cascade(Recipe):
 
     name = "cascade"
     first_phase_minimum = 1
+    no_finetune = "fine-tunes in its stage 2: use stage2_epochs (--cascade_stage2_epochs)"
 
     def __init__(self, num_tas=1, levels=None, stage2_epochs=1, kd_weight=0.4, temperature=15.0,
                  score_learning_rate=1e-3, score_optimizer="rmsprop", mask_every=50, **kwargs):  # fmt: skip
-        kwargs.setdefault("finetune_epochs", 0)
-        if kwargs["finetune_epochs"] != 0:
-            raise ValueError(
-                "cascade fine-tunes in its stage 2: use stage2_epochs; received "
-                f"finetune_epochs={kwargs['finetune_epochs']!r}"
-            )
         super().__init__(**kwargs)
         self.num_tas = checks.check_int("num_tas", num_tas, 0)
         if levels is not None and len(levels):
@@ -418,10 +413,6 @@ class Cascade(Recipe):
     def pipeline_options(cls, flags, training):
         """The shared options plus `--cascade_num_tas`, `--cascade_levels`, `--cascade_stage2_epochs`."""
         options = super().pipeline_options(flags, training)
-        if options["finetune_epochs"]:
-            logging.info("cascade: --finetune_epochs=%d ignored (stage 2 is the fine-tune; "
-                         "see --cascade_stage2_epochs)", options["finetune_epochs"])  # fmt: skip
-        options["finetune_epochs"] = 0
         levels = []
         for value in flags.get("cascade_levels") or []:
             try:

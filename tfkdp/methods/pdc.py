@@ -79,14 +79,9 @@ class PDC(Recipe):
 
     name = "pdc"
     first_phase_minimum = 1
+    no_finetune = "has no fine-tune phase (the merge is exact): put the epochs into admm_epochs"
 
     def __init__(self, epsilon=3e-3, bn_factor=0.1, seed=0, **kwargs):
-        kwargs.setdefault("finetune_epochs", 0)
-        if kwargs["finetune_epochs"] != 0:
-            raise ValueError(
-                "pdc has no fine-tune phase (the merge is exact); received "
-                f"finetune_epochs={kwargs['finetune_epochs']!r}: put the epochs into admm_epochs"
-            )
         super().__init__(**kwargs)
         self.epsilon = checks.check_number("epsilon", epsilon, 0, strict=True)
         self.bn_factor = checks.check_number("bn_factor", bn_factor, 0)
@@ -96,11 +91,6 @@ class PDC(Recipe):
     def pipeline_options(cls, flags, training):
         """The shared options, `finetune_epochs=0` and `epsilon` from `--pdc_epsilon`."""
         options = super().pipeline_options(flags, training)
-        if options["finetune_epochs"]:
-            logging.info(
-                "pdc: --finetune_epochs=%d ignored (no fine-tune phase)", options["finetune_epochs"]
-            )
-        options["finetune_epochs"] = 0
         options["epsilon"] = flags["pdc_epsilon"]
         return options
 
