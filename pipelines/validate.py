@@ -137,49 +137,20 @@ def check_keras_file(path, flag="model"):
     return model
 
 
-def check_latency_reachable(model, budget, round_to, min_channels=1):
-    """Raises if a latency budget cannot be met on `model`'s architecture.
-
-    Builds (or loads from its cache) the `LatencyModel` of the architecture on
-    the budget's runtime: the cost model depends on structure only, so the
-    compress stage reuses it.
-
-    Args:
-        model: the student architecture (weights may be random).
-        budget: a latency `Budget` (`Budget.latency_ms`).
-        round_to: the `--round_to` flag.
-        min_channels: fewest channels a pruned group keeps.
-
-    Raises:
-        ValueError: naming the flag and value, with the fastest reachable latency.
-    """
-    import tfkdp
-
-    latency = budget.latency_model(model)
-    try:
-        return tfkdp.make_plan(
-            model, criterion="l1", round_to=round_to, min_channels=min_channels,
-            latency_model=latency, **budget.plan_kwargs(),
-        )  # fmt: skip
-    except ValueError as error:
-        reason = " ".join(str(error).split())
-        raise ValueError(
-            f"--target_latency_ms={budget.reduction} is not reachable on "
-            f"{getattr(model, 'name', 'the student')!r} ({budget.runtime}, {budget.threads} "
-            f"thread(s)) with --round_to={round_to}: {reason}"
-        ) from None
-
-
-def check_budget_reachable(model, target_macs_reduction, round_to, min_channels=1):
-    """Raises if `make_plan` cannot reach the MAC budget on `model`'s architecture.
+def check_budget_reachable(model, budget, round_to, min_channels=1):
+    """Raises if `make_plan` cannot reach the budget on `model`'s architecture.
 
     Reachability depends only on structure (which groups are prunable, their
     widths, `round_to`, `min_channels`), so an untrained copy of the model is
-    enough: this runs before the teacher is trained.
+    enough: this runs before the teacher is trained. A latency budget builds
+    (or loads from its cache) the `LatencyModel` of the architecture on the
+    budget's runtime: it depends on structure only, so the compress stage
+    reuses it.
 
     Args:
         model: the student architecture (weights may be random).
-        target_macs_reduction: the `--target_macs_reduction` flag, in (0, 1).
+        budget: a `tfkdp.methods.Budget`, or a number: the
+            `--target_macs_reduction` flag, in (0, 1).
         round_to: the `--round_to` flag.
         min_channels: fewest channels a pruned group keeps.
 
@@ -187,20 +158,26 @@ def check_budget_reachable(model, target_macs_reduction, round_to, min_channels=
         The `PruningPlan` made (an L1 plan on the given weights).
 
     Raises:
-        ValueError: naming the flags and values, with `make_plan`'s reason.
+        ValueError: naming the flags and values, with `make_plan`'s reason (for
+            a latency budget, the fastest reachable latency).
     """
     import tfkdp
+    from tfkdp.methods import Budget
 
+    budget = Budget.of(budget)
+    latency = budget.latency_model(model) if budget.is_latency else None
     try:
         return tfkdp.make_plan(
-            model, target_macs_reduction=target_macs_reduction, criterion="l1",
-            round_to=round_to, min_channels=min_channels,
+            model, criterion="l1", round_to=round_to, min_channels=min_channels,
+            latency_model=latency, **budget.plan_kwargs(),
         )  # fmt: skip
     except ValueError as error:
         reason = " ".join(str(error).split())
+        (flag,) = budget.plan_kwargs()
+        where = f" ({budget.runtime}, {budget.threads} thread(s))" if budget.is_latency else ""
+        hint = "" if budget.is_latency else f". Lower --{flag} or --round_to"
         raise ValueError(
-            f"--target_macs_reduction={target_macs_reduction} is not reachable on "
-            f"{getattr(model, 'name', 'the student')!r} with --round_to={round_to} "
-            f"(min_channels={min_channels}): {reason}. Lower --target_macs_reduction or "
-            "--round_to"
+            f"--{flag}={budget.reduction} is not reachable on "
+            f"{getattr(model, 'name', 'the student')!r}{where} with --round_to={round_to} "
+            f"(min_channels={min_channels}): {reason}{hint}"
         ) from None

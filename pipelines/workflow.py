@@ -710,10 +710,7 @@ def preflight(ctx):
         return  # a SavedModel cannot be the student; build_student says so
     else:
         architecture = validate.check_keras_file(spec, "teacher" if student_kind == "keyword" else "student")
-    if budget.is_latency:
-        validate.check_latency_reachable(architecture, budget, flags["round_to"])
-    else:
-        validate.check_budget_reachable(architecture, flags["target_macs_reduction"], flags["round_to"])
+    validate.check_budget_reachable(architecture, budget, flags["round_to"])
 
 
 def run(values, restart=False):
