@@ -431,11 +431,7 @@ def make_dataset(
     """
     if len(x) != len(y):
         raise ValueError(f"x and y differ in length: {len(x)} vs {len(y)}")
-    if int(batch_size) < 1:
-        raise ValueError(f"batch_size must be >= 1; received batch_size={batch_size!r}")
-    if int(pad) < 0:
-        raise ValueError(f"pad must be >= 0; received pad={pad!r}")
-    x = np.asarray(x)
+    x = np.asarray(x)  # batch_size and pad are checked by batch_images
     if x.ndim == 3:
         x = x[..., None]
     y = np.asarray(y).astype(np.int32).reshape(-1)
