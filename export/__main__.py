@@ -4,8 +4,9 @@
         --formats=tflite,tflite_int8,onnx --calibration=fashion_mnist --latency --threads=1,2
 
 Steps: load the model; load `--calibration` data (`fashion_mnist`, or
-`npz:PATH` with `x_train, y_train, x_test, y_test`), scaled to [0, 1] by
-`tfkdp.data.preprocess` (the scaling `tfkdp.data.make_dataset` trains with);
+`npz:PATH` with `x_train, y_train, x_test, y_test`), scaled by `--input_scaling` through
+`tfkdp.data.preprocess` (default [0, 1], the scaling `tfkdp.data.make_dataset` trains with;
+with `--bake_preprocessing` the scaling goes into the artifacts and they get raw pixels);
 export (int8 calibration on `--calibration_samples` training images); verify
 every artifact against Keras on the first `--verify_samples` test images
 (random [0, 1) inputs when no `--calibration` is given, which only the float
@@ -55,6 +56,16 @@ def define_flags(flag_values=flags.FLAGS):
     )
     flags.DEFINE_integer("opset", 17, "ONNX opset.", **kw)
     flags.DEFINE_bool("int8_io", False, "tflite_int8 takes and returns int8 tensors.", **kw)
+    flags.DEFINE_string(
+        "input_scaling", "unit",
+        "How --calibration's 0-255 pixels become model inputs (tfkdp.scaling): unit, raw, "
+        "symmetric, caffe or torch.", **kw,
+    )  # fmt: skip
+    flags.DEFINE_bool(
+        "bake_preprocessing", False,
+        "Put --input_scaling into the artifacts: they take raw 0-255 images (tflite_int8: uint8).",
+        **kw,
+    )  # fmt: skip
     flags.DEFINE_bool(
         "keep_going", False, "If a converter fails, export the other formats (exit 1).", **kw
     )
@@ -112,13 +123,18 @@ def load_model(path):
         ) from error
 
 
-def load_data(spec, input_shape, calibration_samples, verify_samples, seed=0):
+def load_data(spec, input_shape, calibration_samples, verify_samples, seed=0,
+              input_scaling="unit", raw=False):  # fmt: skip
     """Calibration images and verification (images, labels) for `--calibration`.
 
     Returns:
-        `(calibration, x_verify, y_verify, description)`; float32 arrays in
-        [0, 1]. Without `spec`: no calibration, seeded uniform noise for
-        verification, no labels.
+        `(calibration, x_verify, y_verify, description)`; float32 arrays
+        scaled by `input_scaling` (`tfkdp.scaling`; `unit`: [0, 1]), or raw
+        0-255 pixels with `raw` (artifacts with a baked scaling). Without
+        `spec`: no calibration, seeded noise for verification, no labels.
+
+    Raises:
+        ValueError: for an unknown `input_scaling` (listing the valid names).
     """
     import numpy as np
 
@@ -132,6 +148,7 @@ def load_data(spec, input_shape, calibration_samples, verify_samples, seed=0):
             )
         rng = np.random.default_rng(seed)
         x = rng.uniform(0, 1, size=(verify_samples, *input_shape)).astype(np.float32)
+        x = data.to_pixels(x) if raw else data.preprocess(x, scaling=input_scaling).numpy()
         return None, x, None, f"{verify_samples} uniform [0, 1) random inputs (no --calibration)"
     if spec == "fashion_mnist":
         (x_train, _), (x_test, y_test) = data.load_fashion_mnist()
@@ -141,8 +158,11 @@ def load_data(spec, input_shape, calibration_samples, verify_samples, seed=0):
         (x_train, _), (x_test, y_test) = data.from_npz(path)
         source = f"npz {path}"
     order = np.random.default_rng(seed).permutation(len(x_train))[:calibration_samples]
-    calibration = np.asarray(data.preprocess(x_train[order]))
-    x = np.asarray(data.preprocess(x_test[:verify_samples]))
+    if raw:
+        calibration, x = data.to_pixels(x_train[order]), data.to_pixels(x_test[:verify_samples])
+    else:
+        calibration = np.asarray(data.preprocess(x_train[order], scaling=input_scaling))
+        x = np.asarray(data.preprocess(x_test[:verify_samples], scaling=input_scaling))
     y = np.asarray(y_test[:verify_samples]).astype(np.int64)
     description = (
         f"{source}: {len(calibration)} random training images for calibration, "
@@ -205,12 +225,14 @@ def main(argv, flag_values=flags.FLAGS):
     try:
         model = load_model(fv.model)
         signature = model_signature(model)
+        bake = fv.input_scaling if fv.bake_preprocessing else None
         calibration, x, y, data_description = load_data(
-            fv.calibration, signature.shape[1:], fv.calibration_samples, fv.verify_samples
-        )
+            fv.calibration, signature.shape[1:], fv.calibration_samples, fv.verify_samples,
+            input_scaling=fv.input_scaling, raw=bake is not None,
+        )  # fmt: skip
         artifacts = export_model(
             model, fv.out, formats=fv.formats, calibration=calibration, opset=fv.opset,
-            keep_going=fv.keep_going, int8_io=fv.int8_io,
+            keep_going=fv.keep_going, int8_io=fv.int8_io, bake_scaling=bake,
         )  # fmt: skip
     except (FileNotFoundError, ValueError, ImportError) as error:
         sys.stderr.write(f"tfkdp-export: error: {error}\n")
@@ -233,7 +255,7 @@ def main(argv, flag_values=flags.FLAGS):
         "verification_data": data_description,
     }
     try:
-        report["verification"] = verify(model, dict(artifacts), x, y)
+        report["verification"] = verify(model, dict(artifacts), x, y, bake_scaling=bake)
         report["verified"] = True
     except VerificationError as error:
         sys.stderr.write(f"tfkdp-export: error: {error}\n")
@@ -244,6 +266,7 @@ def main(argv, flag_values=flags.FLAGS):
         report["latency"] = benchmark_latency(
             dict(artifacts), tuple(x.shape[1:]), threads=tuple(int(t) for t in fv.threads),
             batch_size=fv.batch_size, warmup=fv.latency_warmup, repeat=fv.latency_repeat,
+            input_scaling=fv.input_scaling, bake_scaling=bake,
         )
     report["versions"] = runtime_versions()
     report["flags"] = {name: fv[name].value for name in _OWN_FLAGS}
@@ -258,7 +281,7 @@ def main(argv, flag_values=flags.FLAGS):
 _OWN_FLAGS = (
     "model", "out", "formats", "calibration", "calibration_samples", "verify_samples", "opset",
     "int8_io", "keep_going", "latency", "threads", "batch_size", "latency_warmup",
-    "latency_repeat",
+    "latency_repeat", "input_scaling", "bake_preprocessing",
 )  # fmt: skip
 
 

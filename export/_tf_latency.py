@@ -19,6 +19,8 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--repeat", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--input_scaling", default="unit", help="tfkdp.scaling name of the inputs")
+    parser.add_argument("--raw_pixels", action="store_true", help="feed raw 0-255 pixels (baked)")
     args = parser.parse_args(argv)
 
     import tensorflow as tf
@@ -32,7 +34,9 @@ def main(argv=None):
 
     shape = tuple(int(d) for d in args.input_shape.split(","))
     runner = TensorFlowRunner(args.saved_model)
-    feed = runner.prepare(_benchmark_input(shape, args.batch_size, args.seed))
+    feed = runner.prepare(
+        _benchmark_input(shape, args.batch_size, args.seed, args.input_scaling, args.raw_pixels)
+    )
     times = time_calls(runner.run, feed, args.warmup, args.repeat)
     result = {
         "times_ms": times.tolist(),

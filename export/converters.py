@@ -245,7 +245,8 @@ def _check_calibration(calibration, signature):
 class _Job:
     """What the converters of one `export_model` call share."""
 
-    def __init__(self, model, signature, out_dir, work_dir, calibration, opset, int8_io):
+    def __init__(self, model, signature, out_dir, work_dir, calibration, opset, int8_io,
+                 uint8_input=False):  # fmt: skip
         self.model = model
         self.signature = signature
         self.out_dir = out_dir
@@ -253,6 +254,8 @@ class _Job:
         self.calibration = calibration
         self.opset = opset
         self.int8_io = int8_io
+        # A baked input scaling: tflite_int8 takes the raw image as uint8.
+        self.uint8_input = uint8_input
         self._saved_model = None
 
     def path(self, fmt):
@@ -316,10 +319,35 @@ def _convert_tflite_int8(job):
     # Full integer: fail instead of silently keeping float kernels for ops that
     # have no int8 implementation.
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    if job.int8_io:
+    if job.uint8_input:
+        converter.inference_input_type = tf.uint8
+    elif job.int8_io:
         converter.inference_input_type = tf.int8
+    if job.int8_io:
         converter.inference_output_type = tf.int8
-    write_bytes_atomic(job.path("tflite_int8"), converter.convert())
+    flatbuffer = converter.convert()
+    if job.uint8_input:
+        _check_pixel_input(flatbuffer)
+    write_bytes_atomic(job.path("tflite_int8"), flatbuffer)
+
+
+def _check_pixel_input(flatbuffer):
+    """Logs when a uint8-input model's input is not the pixels themselves (scale 1, zero point 0).
+
+    The converter takes the input's quantisation from the calibration
+    images' range: 0..255 (real photos nearly always span it) gives scale 1
+    and zero point 0, and a device feeds its uint8 pixels unchanged. A
+    narrower range gives other values, and the device must quantise with
+    them (`round(p / scale) + zero_point`, as `tfkdp.export.open_runner` does).
+    """
+    interpreter = require("ai_edge_litert.interpreter").Interpreter(model_content=flatbuffer)
+    scale, zero_point = interpreter.get_input_details()[0]["quantization"]
+    if not (abs(scale - 1.0) < 1e-6 and zero_point == 0):
+        logging.warning(
+            "tflite_int8 takes uint8 input with scale %g and zero point %d, not the raw pixels "
+            "(scale 1, zero point 0): the calibration images do not span 0..255. A device must "
+            "feed round(pixel / %g) + %d", scale, zero_point, scale, zero_point,
+        )
 
 
 def _convert_tflite_sparse(job):
@@ -434,6 +462,7 @@ def export_model(
     opset=17,
     keep_going=False,
     int8_io=False,
+    bake_scaling=None,
 ):
     """Exports a Keras model to deployment formats, atomically.
 
@@ -457,6 +486,15 @@ def export_model(
     Every artifact keeps a dynamic batch dimension. TFLite formats need fixed
     non-batch dimensions (LiteRT allocates tensors statically).
 
+    With `bake_scaling` (a name from `tfkdp.scaling.names()`), the input
+    scaling is put in front of the model (`tfkdp.scaling.with_scaling`, a
+    `ScaleInputs` layer) and every artifact takes raw 0–255 pixels: float32
+    for the float formats, uint8 for `tflite_int8` (its input scale is 1 and
+    zero point 0 when the calibration images span 0..255; otherwise a warning
+    gives the values). Calibration data are then raw pixels too, and
+    `verify(..., bake_scaling=...)` checks the artifacts on raw images
+    against the Keras model on scaled ones.
+
     Args:
         model: a functional or Sequential `keras.Model` with one input and one
             output, in inference mode semantics (BN uses moving statistics).
@@ -476,7 +514,11 @@ def export_model(
         keep_going: if a converter fails, keep exporting the other formats and
             report the failure in the result's `failures` instead of raising.
         int8_io: `tflite_int8` takes and returns int8 tensors (quantise the
-            input with the input tensor's scale/zero point).
+            input with the input tensor's scale/zero point); with
+            `bake_scaling` the input stays uint8 and the output is int8.
+        bake_scaling: `None` (artifacts take the model's inputs), or the
+            input scaling the model was trained with, baked into the
+            artifacts so they take raw 0–255 images.
 
     Returns:
         An `ExportResult`: a dict `{format: absolute path}` of the exported
@@ -486,8 +528,9 @@ def export_model(
         ValueError: for an unknown format (listing the valid ones), a model
             with other than one input/output, dynamic non-batch dimensions
             with a TFLite format, `tflite_int8` without calibration, calibration
-            data of the wrong shape or dtype, a bad opset, or an `out_dir` that
-            cannot be written.
+            data of the wrong shape or dtype, a bad opset, an `out_dir` that
+            cannot be written, or an unknown `bake_scaling` (listing the valid
+            names).
         ExportError: if a converter fails (naming the format and the
             converter's message); nothing is written to `out_dir` then. With
             `keep_going=True`, only if every format failed.
@@ -499,6 +542,11 @@ def export_model(
         ['onnx', 'tflite']
     """
     formats = _check_formats(formats)
+    if bake_scaling is not None:
+        from tfkdp import scaling
+
+        model_signature(model)  # one input and one output, before wrapping
+        model = scaling.with_scaling(model, bake_scaling)
     signature = model_signature(model)
     dynamic = [i + 1 for i, d in enumerate(signature.shape[1:]) if d is None]
     needs_fixed = [f for f in formats if f in _NEEDS_FIXED_DIMS]
@@ -532,7 +580,8 @@ def export_model(
         trash = os.path.join(staging, "old")
         for folder in (staged, work, trash):
             os.mkdir(folder)
-        job = _Job(model, signature, staged, work, samples, opset, bool(int8_io))
+        job = _Job(model, signature, staged, work, samples, opset, bool(int8_io),
+                   uint8_input=bake_scaling is not None)  # fmt: skip
         done, failures = [], {}
         for fmt in formats:
             start = time.perf_counter()

@@ -100,14 +100,24 @@ def _check_positive_int(name, value, minimum=1):
     return int(value)
 
 
-def _benchmark_input(input_shape, batch_size, seed):
-    # Uniform [0, 1): the range of preprocessed images. Latency of these
-    # dense CNN kernels does not depend on the values.
+def _benchmark_input(input_shape, batch_size, seed, input_scaling="unit", raw_pixels=False):
+    """Seeded noise images: integer pixels in [0, 255], scaled as the model's inputs are.
+
+    `raw_pixels`: the pixels as float32, for artifacts with a baked scaling.
+    Latency of these dense CNN kernels does not depend on the values; the
+    range matters only to int8 inputs, which clip to their calibrated range.
+    """
+    from tfkdp import scaling
+
     rng = np.random.default_rng(seed)
-    return rng.uniform(0.0, 1.0, size=(batch_size, *input_shape)).astype(np.float32)
+    pixels = rng.integers(0, 256, size=(batch_size, *input_shape)).astype(np.float32)
+    if raw_pixels:
+        return pixels
+    return np.asarray(scaling.get(input_scaling)(pixels), np.float32)
 
 
-def _tf_times(path, input_shape, threads, batch_size, warmup, repeat, seed):
+def _tf_times(path, input_shape, threads, batch_size, warmup, repeat, seed, input_scaling="unit",
+              raw_pixels=False):  # fmt: skip
     command = [
         sys.executable, "-m", "tfkdp.export._tf_latency",
         "--saved_model", os.fspath(path),
@@ -117,6 +127,8 @@ def _tf_times(path, input_shape, threads, batch_size, warmup, repeat, seed):
         "--warmup", str(warmup),
         "--repeat", str(repeat),
         "--seed", str(seed),
+        "--input_scaling", str(input_scaling),
+        *(["--raw_pixels"] if raw_pixels else []),
     ]  # fmt: skip
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
@@ -134,15 +146,18 @@ def _tf_times(path, input_shape, threads, batch_size, warmup, repeat, seed):
 
 
 def benchmark_latency(
-    artifacts, input_shape, threads=(1,), batch_size=1, warmup=20, repeat=200, seed=0
+    artifacts, input_shape, threads=(1,), batch_size=1, warmup=20, repeat=200, seed=0,
+    input_scaling="unit", bake_scaling=None,
 ):
     """Measures per-inference latency of each artifact on its runtime, per thread count.
 
     One inference = feeding a prepared input batch, running it and fetching
     the output as a numpy array (`set_tensor` + `invoke` + `get_tensor` on
     LiteRT, `session.run` on onnxruntime, the serving function call plus
-    `.numpy()` on TF). The input is uniform [0, 1) noise (quantised once,
-    outside the timing, for int8-input models). See the module docstring for
+    `.numpy()` on TF). The input is seeded noise pixels in [0, 255] scaled
+    by `input_scaling` (the scaling the model trained with), or the raw
+    pixels for artifacts with `bake_scaling` (quantised once, outside the
+    timing, for integer-input models). See the module docstring for
     how threads are controlled per runtime; TF runs in a subprocess.
 
     Args:
@@ -156,6 +171,10 @@ def benchmark_latency(
         warmup: untimed calls before timing (first calls allocate and pack weights).
         repeat: timed calls.
         seed: seed of the input noise.
+        input_scaling: the model's input scaling (`tfkdp.scaling.names()`;
+            `"unit"`: [0, 1]).
+        bake_scaling: the scaling baked into the artifacts
+            (`export_model(..., bake_scaling=...)`); they then get raw pixels.
 
     Returns:
         A list of rows, one per artifact × thread count: `format`, `label`
@@ -167,7 +186,7 @@ def benchmark_latency(
 
     Raises:
         ValueError: for an unknown format, a bad shape, thread count,
-            batch size, warmup or repeat.
+            batch size, warmup, repeat or scaling name.
         FileNotFoundError: if an artifact is missing.
         RuntimeError: if the TF subprocess fails.
 
@@ -201,7 +220,12 @@ def benchmark_latency(
         if not os.path.exists(path):
             raise FileNotFoundError(f"{fmt} artifact not found: {path!r}")
 
-    x = _benchmark_input(input_shape, batch_size, seed)
+    raw_pixels = bake_scaling is not None
+    if raw_pixels:
+        from tfkdp import scaling
+
+        input_scaling = scaling.get(bake_scaling).name
+    x = _benchmark_input(input_shape, batch_size, seed, input_scaling, raw_pixels)
     rounds = min(_ROUNDS, repeat)
     cells = [(fmt, os.fspath(path), n) for fmt, path in artifacts.items() for n in threads]
     times, calls = {}, {}
@@ -216,7 +240,8 @@ def benchmark_latency(
         calls.clear()  # free interpreters and sessions before TF's subprocess runs
     for fmt, path, n in cells:
         if RUNTIMES[_format_of(fmt)] == "tensorflow":
-            times[(fmt, n)] = _tf_times(path, input_shape, n, batch_size, warmup, repeat, seed)
+            times[(fmt, n)] = _tf_times(path, input_shape, n, batch_size, warmup, repeat, seed,
+                                        input_scaling, raw_pixels)  # fmt: skip
     return [
         {
             "format": _format_of(fmt),

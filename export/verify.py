@@ -149,7 +149,7 @@ def _batched(function, x, batch_size):
     )
 
 
-def verify(model, artifacts, x, y=None, tolerances=None, batch_size=64):
+def verify(model, artifacts, x, y=None, tolerances=None, batch_size=64, bake_scaling=None):
     """Runs each artifact on its runtime and compares it with the Keras model.
 
     Runtimes: `saved_model` on TensorFlow (its `serving_default` signature),
@@ -174,6 +174,10 @@ def verify(model, artifacts, x, y=None, tolerances=None, batch_size=64):
             a check.
         batch_size: artifacts run on batches of this size (the last batch may
             be smaller), which also exercises their dynamic batch dimension.
+        bake_scaling: the input scaling baked into the artifacts
+            (`export_model(..., bake_scaling=...)`): `x` is then raw 0–255
+            pixels (float), fed as they are to the artifacts, and the Keras
+            model gets `tfkdp.scaling.get(bake_scaling)(x)`.
 
     Returns:
         `{format: result}` with, per artifact: `path`, `runtime`, `n`,
@@ -192,8 +196,9 @@ def verify(model, artifacts, x, y=None, tolerances=None, batch_size=64):
             allowed value; `error.results` holds every result, failed ones
             with `passed: False`, their `failures` lines and, for one that
             did not run, `error`.
-        ValueError: for bad `x`, `y`, `artifacts`, `tolerances` or
-            `batch_size`, or a top-1 check on outputs that are not class scores.
+        ValueError: for bad `x`, `y`, `artifacts`, `tolerances`,
+            `batch_size` or `bake_scaling`, or a top-1 check on outputs that
+            are not class scores.
         FileNotFoundError: if an artifact path does not exist.
 
     Example:
@@ -212,8 +217,15 @@ def verify(model, artifacts, x, y=None, tolerances=None, batch_size=64):
         raise ValueError(f"batch_size must be a positive int; received batch_size={batch_size!r}")
     limits = _merge_tolerances(tolerances)
     x, y = _check_inputs(model, x, y)
+    if bake_scaling is None:
+        keras_inputs = x
+    else:
+        from tfkdp import scaling
 
-    reference = _batched(lambda b: np.asarray(model(b, training=False)), x, 256).astype(np.float64)
+        keras_inputs = np.asarray(scaling.get(bake_scaling)(x), np.float32)
+
+    reference = _batched(lambda b: np.asarray(model(b, training=False)), keras_inputs, 256)
+    reference = reference.astype(np.float64)
     scale = float(np.max(np.abs(reference))) or 1.0
     is_scores = reference.ndim == 2 and reference.shape[1] >= 2
     keras_top1 = np.argmax(reference, axis=-1) if is_scores else None

@@ -17,7 +17,13 @@ import time
 
 from absl import app, flags
 
-from tfkdp.pipelines.config import ALL_FORMATS, CRITERIA, STAGE_FLAGS, STRATEGIES
+from tfkdp.pipelines.config import (
+    ALL_FORMATS,
+    CRITERIA,
+    MIXED_PRECISION,
+    STAGE_FLAGS,
+    STRATEGIES,
+)
 
 FLAGS = flags.FLAGS
 
@@ -58,11 +64,18 @@ flags.DEFINE_enum("latency_runtime", "litert", ("litert", "onnxruntime"),
                   "Runtime of the latency budget's cost model.")  # fmt: skip
 flags.DEFINE_integer("latency_threads", 1, "Threads of the latency budget's runtime.")
 flags.DEFINE_enum("criterion", "l1", CRITERIA, "Channel importance criterion.")
-flags.DEFINE_integer("round_to", 4, "Kept channel counts are multiples of this (kernel-friendly).")
+flags.DEFINE_string(
+    "round_to", "auto",
+    "Kept channel counts are multiples of this: a positive integer, or 'auto' for the alignment "
+    "the --latency_runtime rewards (measured once per machine, cached).",
+)
 flags.DEFINE_integer("teacher_epochs", 4, "Epochs to train a zoo teacher.")
 flags.DEFINE_integer("compress_epochs", 2, "Epochs of the compression stage (ADMM+KD, or KD).")
 flags.DEFINE_integer("finetune_epochs", 1, "Epochs of fine-tuning after stripping.")
-flags.DEFINE_integer("batch_size", 128, "Global batch size.")
+flags.DEFINE_integer(
+    "batch_size", 128,
+    "Global batch size (split over the replicas; --lr is the learning rate of this global batch).",
+)
 flags.DEFINE_float("teacher_lr", 0.1, "Peak learning rate of teacher training.")
 flags.DEFINE_float("lr", 0.05, "Peak learning rate of compression and fine-tuning.")
 flags.DEFINE_float("temperature", 4.0, "Soft-target KD temperature.")
@@ -71,6 +84,18 @@ flags.DEFINE_integer(
     "Use only the first N training images in compress/finetune (0 = all).",
 )
 flags.DEFINE_list("formats", list(ALL_FORMATS), f"Export formats, from {ALL_FORMATS}.")
+flags.DEFINE_string(
+    "input_scaling", "unit",
+    "How 0-255 pixels become model inputs, for training, verification, calibration and latency "
+    "alike (tfkdp.scaling): unit ([0, 1]), raw (0-255 floats: models that rescale inside, e.g. "
+    "EfficientNet), symmetric ([-1, 1], MobileNetV2), caffe (BGR, ImageNet means subtracted, "
+    "ResNet50) or torch (ImageNet mean/std).",
+)
+flags.DEFINE_boolean(
+    "bake_preprocessing", False,
+    "Put --input_scaling into the exported models (a layer in front of the student): every "
+    "artifact takes raw 0-255 images, tflite_int8 as uint8.",
+)
 flags.DEFINE_list("threads", ["1"], "Thread counts for latency measurement.")
 flags.DEFINE_integer(
     "verify_samples", 1000,
@@ -85,7 +110,16 @@ flags.DEFINE_boolean(
 flags.DEFINE_integer("latency_repeat", 200, "Timed runs per artifact and runtime.")
 flags.DEFINE_string("output_dir", "runs/compress", "Where stages, artifacts and the report go.")
 flags.DEFINE_integer("seed", 0, "Seed of initialisation, shuffling and augmentation.")
-flags.DEFINE_enum("strategy", "default", STRATEGIES, "tf.distribute strategy for training.")
+flags.DEFINE_enum(
+    "strategy", "default", STRATEGIES,
+    "tf.distribute strategy for training: default (one device), mirrored (this host's GPUs or "
+    "CPUs) or multiworker (several hosts, each with its TF_CONFIG; see the README).",
+)
+flags.DEFINE_enum(
+    "mixed_precision", "none", MIXED_PRECISION,
+    "Keras dtype policy of training: none (float32), mixed_float16 (GPUs with tensor cores) or "
+    "mixed_bfloat16.",
+)
 flags.DEFINE_boolean("restart", False, "Discard finished stages in output_dir and start over.")
 
 # Method-specific flags: each method's `pipeline_options` reads its own (see README).
@@ -134,7 +168,7 @@ flags.register_validator(
     message="--threads must be a comma-separated list of positive integers, e.g. 1,2",
 )
 for _name in ("teacher_epochs", "compress_epochs", "batch_size", "verify_samples",
-              "latency_repeat", "round_to"):
+              "latency_repeat"):
     flags.register_validator(_name, lambda v: v >= 1, message=f"--{_name} must be >= 1")
 flags.register_validator("finetune_epochs", lambda v: v >= 0, message="--finetune_epochs must be >= 0")
 flags.register_validator(
@@ -153,6 +187,23 @@ def _known_method(name):
 
 
 flags.register_validator("method", _known_method)
+flags.register_validator(
+    "round_to", lambda v: v.strip().lower() == "auto" or (v.strip().isdigit() and int(v) >= 1),
+    message="--round_to must be 'auto' or a positive integer, e.g. 8",
+)
+
+
+def _known_scaling(name):
+    from tfkdp import scaling
+
+    if name not in scaling.names():
+        raise flags.ValidationError(
+            f"--input_scaling={name!r} is not a known input scaling; valid: <{'|'.join(scaling.names())}>"
+        )
+    return True
+
+
+flags.register_validator("input_scaling", _known_scaling)
 
 
 def resolved_flags():

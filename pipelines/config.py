@@ -1,7 +1,9 @@
 """Constants shared by the compress entry point and its stage wiring (no flags, no TF)."""
 
 CRITERIA = ("l1", "l2", "bn_gamma", "taylor", "fpgm", "hessian", "random")
-STRATEGIES = ("default", "mirrored")
+STRATEGIES = ("default", "mirrored", "multiworker")
+# Keras dtype policies of --mixed_precision ("none": float32); tfkdp.runtime.MIXED_PRECISION.
+MIXED_PRECISION = ("none", "mixed_float16", "mixed_bfloat16")
 ALL_FORMATS = (
     "saved_model", "tflite", "tflite_f16", "tflite_dynamic", "tflite_int8", "tflite_sparse", "onnx",
 )
@@ -27,7 +29,7 @@ METHOD_FLAGS = (
 STAGE_FLAGS = {
     "teacher": (
         "teacher", "dataset", "image_size", "color_mode", "teacher_epochs", "teacher_lr",
-        "batch_size", "seed",
+        "batch_size", "seed", "mixed_precision", "input_scaling",
     ),
     "compress": (
         "student", "method", "target_macs_reduction", "target_latency_ms", "latency_runtime",
@@ -37,7 +39,7 @@ STAGE_FLAGS = {
     ),
     "finetune": ("finetune_epochs",),
     "strip": (),
-    "export": ("formats",),
+    "export": ("formats", "bake_preprocessing"),
     "verify": ("verify_samples", "strict_verify"),
     "latency": ("threads", "latency_repeat"),
     "report": (),

@@ -83,6 +83,7 @@ def markdown(report):
         )
     lines += _comparison_markdown(report.get("latency_comparison") or [])
     lines += _rejected_markdown(report.get("rejected") or [])
+    lines += _unprunable_markdown((report.get("student") or {}).get("unprunable_groups") or [])
     extra = (report.get("method_report") or {}).get("markdown")
     if extra:
         lines += ["", extra.rstrip("\n")]
@@ -118,6 +119,25 @@ def _comparison_markdown(rows):
             f"| {_fmt(r['student_p90_ms'], '.3f')} | {_fmt(r['speedup'], '.2f')} "
             f"| {_fmt(r['mac_speedup'], '.2f')} | {_fmt(r['speedup_over_mac_speedup'], '.2f')} |"
         )
+    return lines
+
+
+def _unprunable_markdown(groups):
+    """The "Groups left unpruned" section: which channel groups tfkdp may not prune, and why."""
+    if not groups:
+        return []
+    lines = [
+        "",
+        "## Groups left unpruned",
+        "",
+        "Channel groups the analysis refuses to prune (their channels stay as they are).",
+        "",
+        "| group | channels | producers | reason |",
+        "|---|---|---|---|",
+    ]
+    for g in groups:
+        producers = ", ".join(g.get("producers") or []) or "-"
+        lines.append(f"| {_cell(g['group'])} | {g['size']} | {_cell(producers)} | {_cell(g['reason'])} |")
     return lines
 
 

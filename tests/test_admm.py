@@ -313,3 +313,31 @@ def test_admm_under_mirrored_strategy_matches_single_device(tiny_images):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     assert dist_plan == single_plan
     assert {gid: len(single_plan[gid]) for gid in single_plan} == {"conv1": 3, "conv2": 4}
+
+
+def test_normalized_penalty_is_invariant_to_the_scale_of_the_regularised_weights():
+    """`normalize=True` divides each group's term by its mean square weight: scale-free.
+
+    Every regularised slice times 8 multiplies the raw penalty by 64 and leaves
+    the normalised one unchanged (ρ fixed, U = 0, Z = Π(W) at the target).
+    """
+    model = _tiny()
+    scaled = keras.models.clone_model(model)
+    scaled.set_weights(model.get_weights())
+    probe = admm_lib.ADMM(scaled, KEEP, rho=1.0)
+    for group_id in probe.group_ids:
+        for _, variable, _, _ in probe.slots(group_id):
+            variable.assign(variable * 8.0)
+    penalties = {}
+    for name, m in (("base", model), ("scaled", scaled)):
+        for normalize in (False, True):
+            admm = admm_lib.ADMM(m, KEEP, rho=1.0, normalize=normalize)
+            penalties[name, normalize] = float(admm.penalty())
+    np.testing.assert_allclose(penalties["scaled", False], 64 * penalties["base", False], rtol=1e-4)
+    np.testing.assert_allclose(penalties["scaled", True], penalties["base", True], rtol=1e-4)
+    # The normalised term is a sum of fractions of each group's energy, times its size.
+    assert penalties["base", True] > 0
+    admm = admm_lib.ADMM(model, KEEP, normalize=True)
+    assert admm.get_config()["normalize"] is True
+    with pytest.raises(ValueError, match="normalize must be True or False; received normalize='yes'"):
+        admm_lib.ADMM(model, KEEP, normalize="yes")

@@ -18,7 +18,7 @@ def _run(tmp_path, *flags, timeout=300):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     command = [sys.executable, "-m", "tfkdp.pipelines.compress", f"--output_dir={out}",
                "--teacher_epochs=1", "--compress_epochs=1", "--finetune_epochs=1",
-               "--batch_size=16", "--formats=tflite", "--verify_samples=16", *flags]  # fmt: skip
+               "--batch_size=16", "--formats=tflite", "--verify_samples=16", "--round_to=2", *flags]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env,
                             cwd=tmp_path)  # fmt: skip
     errors = [line for line in result.stderr.splitlines() if line.startswith("tfkdp-compress: error:")]

@@ -161,6 +161,21 @@ def test_streamed_dataset_is_a_pipeline_of_file_names_read_while_iterating(tmp_p
     np.testing.assert_array_equal(next(iter(again))[1], next(iter(again))[1])
 
 
+@pytest.mark.parametrize("name", ["caffe", "torch"])
+def test_streamed_batches_use_the_input_scaling_grayscale_with_the_mean_constants(tmp_path, name):
+    root = _class_folders(tmp_path / "imgs", classes=("a", "b"), shape=(6, 6, 1))
+    for color_mode, channels in (("rgb", 3), ("grayscale", 1)):
+        folder = folders.ImageFolder(root, image_size=(6, 6), color_mode=color_mode, check=False)
+        x, _ = folder.arrays("test")
+        (images, _), = list(folder.dataset("test", batch_size=len(x), scaling=name))
+        expected = data.preprocess(x, scaling=name).numpy()
+        assert images.shape[-1] == channels
+        np.testing.assert_allclose(images.numpy(), expected, rtol=1e-6, atol=1e-5)
+    # grayscale: the mean of the three ImageNet channel constants (README, Data)
+    if name == "caffe":
+        np.testing.assert_allclose(expected, x - np.mean([103.939, 116.779, 123.68]), atol=1e-4)
+
+
 def test_dir_dataset_takes_a_keras_teachers_input_shape(tmp_path):
     from tfkdp import models
 

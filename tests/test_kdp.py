@@ -56,7 +56,7 @@ def test_kdp_short_run_returns_stripped_model_matching_plan_and_masked_outputs(t
     budget = pruner.make_plan(student, target_macs_reduction=0.5)
     stripped, plan, history = _compress(
         teacher, student, _dataset(tiny_images), target_macs_reduction=0.5,
-        admm_epochs=3, finetune_epochs=0, update_every=2, rho_initial=0.1, rho_final=2.0,
+        admm_epochs=3, finetune_epochs=0, update_every=2, rho_initial=0.1, rho_final=2.0, normalize=False,
         sparsity_ramp=0.25, learning_rate=0.1, recalibrate_bn=0,  # keep the student's BN statistics
     )  # fmt: skip
     # ADMM keeps the budget's channel counts; it chooses which channels.
@@ -178,3 +178,4 @@ def test_recalibrate_batchnorm_sets_moving_stats_to_the_average_of_batch_stats()
     np.testing.assert_allclose(bn.moving_mean.numpy(), feats.mean(axis=1).mean(axis=0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(bn.moving_variance.numpy(), feats.var(axis=1).mean(axis=0), rtol=1e-4)
     assert bn.momentum == pytest.approx(0.99)  # restored
+

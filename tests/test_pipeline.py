@@ -42,6 +42,7 @@ def _values(tmp_path, **overrides):
         "formats": ["tflite", "onnx"], "threads": ["1"], "verify_samples": 32,
         "strict_verify": False, "latency_repeat": 5, "seed": 0, "strategy": "default",
         "image_size": ["28", "28"], "color_mode": "grayscale",
+        "input_scaling": "unit", "bake_preprocessing": False,
         "output_dir": str(tmp_path / "out"),
         # the method flags' defaults (pipelines/compress.py)
         "dean_every": 10, "dean_lr": 0.05, "dean_distill_max": 2.0, "dean_sparsity_max": 2.0,
@@ -126,6 +127,10 @@ def test_pipeline_end_to_end_then_resume_after_crash(tmp_path, monkeypatch):
         assert row["speedup_over_mac_speedup"] == pytest.approx(row["speedup"] / row["mac_speedup"])
     assert report["teacher"]["reference_artifact"]["latency_ms_p50"]["1"] == rows[("litert", 1)]["teacher_p50_ms"]
     assert "## Teacher vs student latency" in markdown
+    # resnet8's input and logits groups are never pruned, and the report says why.
+    unprunable = {g["group"]: g for g in report["student"]["unprunable_groups"]}
+    assert len(unprunable) >= 2 and all(g["reason"] for g in unprunable.values())
+    assert "## Groups left unpruned" in markdown
     with open(os.path.join(out, "latency", "latency.json")) as f:
         assert {r.get("label") for r in json.load(f)} == {None, "teacher"}
 
@@ -192,7 +197,8 @@ def test_pipeline_mirrored_strategy_runs_kdp_end_to_end(tmp_path):
         ("--method=magic", "<kdp|prune_only|kd_only|"),
         ("--target_macs_reduction=1.5", "strictly between 0 and 1"),
         ("--formats=tflite,gguf", "subset of"),
-        ("--strategy=tpu", "<default|mirrored>"),
+        ("--strategy=tpu", "<default|mirrored|multiworker>"),
+        ("--round_to=0", "--round_to must be 'auto' or a positive integer"),
     ],
 )
 def test_cli_bad_flags_get_absl_errors_listing_choices(flag, message, tmp_path):

@@ -13,7 +13,7 @@ Packages: `tfkdp.pruning` (structured-pruning core), `tfkdp.pruning.sparsity`
 
 import sys
 
-from tfkdp import checks, data, distill, methods, metrics, models, pruning, train
+from tfkdp import checks, data, distill, methods, metrics, models, pruning, scaling, train
 from tfkdp.distill import losses
 from tfkdp.distill.distiller import Distiller
 from tfkdp.distill.losses import AttentionTransfer, DecoupledKD, HintLoss, SoftTargetKD
@@ -49,6 +49,7 @@ __all__ = [
     "metrics",
     "models",
     "pruning",
+    "scaling",
     "train",
     "criteria",
     "losses",

@@ -9,7 +9,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tfkdp.batching import batch_images, preprocess
+from tfkdp.batching import batch_images, preprocess, to_pixels
 
 __all__ = [
     "DEBIAN_DIR",
@@ -23,6 +23,7 @@ __all__ = [
     "make_dataset",
     "validation_split",
     "preprocess",
+    "to_pixels",
     "load_dataset",
     "parse_spec",
     "DATASET_KINDS",
@@ -401,11 +402,13 @@ def make_dataset(
     std=None,
     seed=0,
     drop_remainder=False,
+    scaling="unit",
 ):
-    """A `tf.data` pipeline: shuffle, augment, normalise, batch, prefetch.
+    """A `tf.data` pipeline: shuffle, augment, scale, batch, prefetch.
 
     Args:
-        x: images, `(N, H, W)` or `(N, H, W, C)`, uint8 (scaled to [0, 1]) or float.
+        x: images, `(N, H, W)` or `(N, H, W, C)`, uint8 pixels (scaled by
+            `scaling`) or float in [0, 1] (see `preprocess`).
         y: integer labels `(N,)`.
         batch_size: batch size.
         training: shuffle each epoch and (by default) augment.
@@ -417,12 +420,16 @@ def make_dataset(
         seed: seed of shuffling and augmentation; the same seed gives the same
             batches.
         drop_remainder: drop the last partial batch.
+        scaling: input scaling (`tfkdp.scaling.names()`): `"unit"` [0, 1]
+            (default), `"raw"` 0–255, `"symmetric"` [−1, 1], `"caffe"`
+            (BGR, ImageNet means subtracted), `"torch"` (ImageNet mean/std).
 
     Returns:
         A `tf.data.Dataset` of `(images float32 (B, H, W, C), labels int32 (B,))`.
 
     Raises:
-        ValueError: if lengths differ, `batch_size` < 1 or `pad` < 0.
+        ValueError: if lengths differ, `batch_size` < 1, `pad` < 0, or
+            `scaling` is unknown (listing the valid names).
 
     Example:
         >>> ds = make_dataset(np.zeros((8, 28, 28), "uint8"), np.zeros(8, "int32"), 4)
@@ -440,7 +447,7 @@ def make_dataset(
         dataset = dataset.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
     return batch_images(
         dataset, x.shape[1:], batch_size, training=training, augment=augment, pad=pad, flip=flip,
-        mean=mean, std=std, seed=seed, drop_remainder=drop_remainder,
+        mean=mean, std=std, seed=seed, drop_remainder=drop_remainder, scaling=scaling,
     )  # fmt: skip
 
 

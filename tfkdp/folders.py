@@ -306,7 +306,9 @@ class ImageFolder:
                 memory then grows with the split's size). With a cache,
                 training shuffles decoded images in a buffer of 4096.
             **augment: `augment`, `pad`, `flip`, `mean`, `std`,
-                `drop_remainder` of `tfkdp.data.make_dataset`.
+                `drop_remainder` and `scaling` (the input scaling,
+                `tfkdp.scaling`; default `"unit"`, [0, 1]) of
+                `tfkdp.data.make_dataset`.
 
         Returns:
             A `tf.data.Dataset` of `(float32 images (B, H, W, C), int32 labels (B,))`.

@@ -220,8 +220,12 @@ class Dean(keras.layers.Layer):
 
 
 def _concat_replicas(strategy, value):
+    """The global batch of per-replica `value`: every replica's shard, on every worker."""
     if value is None:
         return None
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        # The local replicas hold this worker's share only: gather every worker's.
+        return keras.tree.map_structure(lambda v: strategy.gather(v, axis=0), value)
     return keras.tree.map_structure(
         lambda v: tf.concat(strategy.experimental_local_results(v), axis=0), value
     )

@@ -5,8 +5,10 @@
 1. **budget**: `make_plan` turns the MAC (or parameter) budget into a number
    of channels to keep per group (global, MAC-aware allocation by default);
 2. **ADMM + KD phase** (`admm_epochs`): the student is distilled from the
-   teacher while the ADMM penalty ρ/2·‖W − Z + U‖² pulls it towards the
-   channel-sparse set; the sparsity ramps up (polynomial schedule) and ρ grows;
+   teacher while the ADMM penalty ρ/2·Σ_g ‖W_g − Z_g + U_g‖²/ms_g pulls it
+   towards the channel-sparse set (ms_g: the group's mean square weight at the
+   start, so one ρ suits weights of any magnitude); the sparsity ramps up
+   (polynomial schedule) and ρ grows;
 3. **hard prune** from Z's support (masks that stay in force);
 4. **masked KD fine-tune** (`finetune_epochs`), then batch-norm re-estimation;
 5. **strip** (`Method.finalize`): the smaller model.
@@ -50,6 +52,13 @@ class KDP(Recipe):
             3/4 of the ADMM phase.
         rho_initial: see `rho`.
         rho_final: see `rho`.
+        normalize: divide each group's penalty by its mean square weight
+            (`ADMM(normalize=True)`); ρ is then per unit of the weights'
+            own scale. The defaults 0.001 → 0.05 equal the unnormalised
+            0.1 → 5 of earlier versions on our zoo's resnets (median group
+            mean square ≈ 0.011 on a trained resnet32); on
+            `keras.applications.MobileNetV2` trained without weight decay
+            the unnormalised penalty was ~400× the task loss.
         update_every: optimizer steps between ADMM Z/U updates.
         sparsity_ramp: fraction of the ADMM phase over which the sparsity
             rises (polynomial, Zhu & Gupta) from 0 to the target.
@@ -64,7 +73,7 @@ class KDP(Recipe):
     name = "kdp"
     first_phase_minimum = 1
 
-    def __init__(self, rho=None, rho_initial=0.1, rho_final=5.0, update_every=4,
+    def __init__(self, rho=None, rho_initial=1e-3, rho_final=0.05, normalize=True, update_every=4,
                  sparsity_ramp=0.25, **kwargs):  # fmt: skip
         super().__init__(**kwargs)
         from tfkdp.pruning.sparsity import schedules
@@ -73,6 +82,9 @@ class KDP(Recipe):
         self.sparsity_ramp = checks.check_fraction("sparsity_ramp", sparsity_ramp, high_inclusive=True)
         self.rho_initial = checks.check_number("rho_initial", rho_initial, 0, strict=True)
         self.rho_final = checks.check_number("rho_final", rho_final, 0, strict=True)
+        if not isinstance(normalize, bool):
+            raise ValueError(f"normalize must be True or False; received normalize={normalize!r}")
+        self.normalize = normalize
         if isinstance(rho, dict):  # from get_config
             rho = keras.saving.deserialize_keras_object(rho)
         self.rho = None if rho is None else schedules.get_rho_schedule(rho)
@@ -86,7 +98,7 @@ class KDP(Recipe):
             )
         config.update(
             rho=None if rho is None else keras.saving.serialize_keras_object(rho),
-            rho_initial=self.rho_initial, rho_final=self.rho_final,
+            rho_initial=self.rho_initial, rho_final=self.rho_final, normalize=self.normalize,
             update_every=self.update_every, sparsity_ramp=self.sparsity_ramp,
         )  # fmt: skip
         return config
@@ -126,7 +138,7 @@ class KDP(Recipe):
         )  # fmt: skip
         return admm_lib.ADMM(
             student, keep, sparsity_schedule=sparsity_schedule, rho=self._rho(steps),
-            update_every=self.update_every, groups=groups,
+            update_every=self.update_every, normalize=self.normalize, groups=groups,
         )  # fmt: skip
 
     def prune(self, teacher, student, train_data, val_data, budget):

@@ -15,6 +15,10 @@ restored when the loss becomes NaN/inf.
 """
 
 import dataclasses
+import json
+import os
+import re
+import shutil
 
 import keras
 
@@ -46,6 +50,12 @@ class Training:
             re-estimated after the last phase (0: keep the moving averages).
         callbacks: extra Keras callbacks for every phase.
         verbose: Keras `fit` verbosity.
+        backup_dir: `None`, or a folder where each phase checkpoints its
+            training state every epoch (`keras.callbacks.BackupAndRestore`,
+            in `<backup_dir>/<phase>`): a killed run (e.g. a lost worker
+            under `MultiWorkerMirroredStrategy`) resumes at the last finished
+            epoch; the checkpoint is removed when the phase ends. Phases
+            given their own `BackupAndRestore` keep theirs.
     """
 
     learning_rate: float = 0.05
@@ -59,6 +69,7 @@ class Training:
     recalibrate_bn: int = 100
     callbacks: tuple = ()
     verbose: int = 0
+    backup_dir: str = None
 
     def __post_init__(self):
         checks.check_number("learning_rate", self.learning_rate, 0, strict=True)
@@ -162,7 +173,8 @@ def distill(teacher, student, train_data, val_data, epochs, training, phase, *,
     guard = NonFiniteGuard(protected, phase=phase)
     history = distiller.fit(
         train_data, validation_data=val_data, epochs=epochs,
-        callbacks=[guard, *callbacks, *training.callbacks], verbose=training.verbose,
+        callbacks=_with_backup([guard, *callbacks, *training.callbacks], training, phase),
+        verbose=training.verbose,
     )  # fmt: skip
     return history.history
 
@@ -189,10 +201,61 @@ def finetune(model, train_data, val_data, epochs, training, phase, *, learning_r
         model, train_data, val_data, epochs=epochs,
         learning_rate=training.learning_rate if learning_rate is None else learning_rate,
         weight_decay=training.weight_decay, optimizer=training.optimizer,
-        jit_compile=training.jit_compile, callbacks=[guard, *training.callbacks],
+        jit_compile=training.jit_compile,
+        callbacks=_with_backup([guard, *training.callbacks], training, phase),
         verbose=training.verbose, steps_per_execution=training.steps_per_execution,
     )  # fmt: skip
     return history.history
+
+
+def _with_backup(callbacks, training, phase):
+    """`callbacks` led by a `BackupAndRestore` in `training.backup_dir/<phase>` (if set and none given).
+
+    First in the list, so the weights are restored before any other callback
+    (the non-finite guard) records them.
+
+    Reference:
+        `keras.callbacks.BackupAndRestore`.
+    """
+    if training.backup_dir is None or any(
+        isinstance(c, keras.callbacks.BackupAndRestore) for c in callbacks
+    ):
+        return callbacks
+    folder = os.path.join(training.backup_dir, re.sub(r"[^A-Za-z0-9_.-]+", "_", phase))
+    # Two states on disk, each written atomically: a worker killed while saving leaves a
+    # readable one.
+    return [AtomicBackupAndRestore(folder, double_checkpoint=True), *callbacks]
+
+
+class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
+    """`keras.callbacks.BackupAndRestore` whose files are written to a temporary name, then renamed.
+
+    Keras writes its weights file in place: a process killed during the write
+    left a file h5py cannot open, and with no earlier state to fall back on
+    `fit` then failed with `OSError` (seen with a worker killed at its first
+    epoch end). Here a kill leaves the previous state, or the new weights with
+    the previous epoch number (that epoch is then trained once more).
+
+    Reference:
+        `keras.callbacks.BackupAndRestore` (Keras 3).
+    """
+
+    def _save_model(self):
+        from tfkdp.export._atomic import write_bytes_atomic
+
+        os.makedirs(self.backup_dir, exist_ok=True)
+        if self.double_checkpoint:
+            for current, previous in ((self._weights_path, self._prev_weights_path),
+                                      (self._training_metadata_path, self._prev_training_metadata_path)):  # fmt: skip
+                if os.path.exists(current):
+                    tmp = previous + ".tmp"
+                    shutil.copyfile(current, tmp)
+                    os.replace(tmp, previous)
+        tmp = self._weights_path[: -len(".weights.h5")] + ".partial.weights.h5"
+        self.model.save_weights(filepath=tmp, overwrite=True)
+        os.replace(tmp, self._weights_path)
+        metadata = {"epoch": self._current_epoch, "batch": self._last_batch_seen}
+        write_bytes_atomic(self._training_metadata_path, json.dumps(metadata).encode("utf-8"))
 
 
 def hard_prune(model, plan):

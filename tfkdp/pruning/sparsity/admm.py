@@ -132,6 +132,15 @@ class ADMM(keras.layers.Layer):
             (`tfkdp.pruning.sparsity.schedules.ExponentialRho` ramps it). When ρ changes, U is
             rescaled by ρ_old/ρ_new (U is the dual divided by ρ).
         update_every: optimizer steps between Z/U updates (>= 1).
+        normalize: when true, each group's term is divided by the mean square
+            of its regularised weights at construction (or `reset`), so the
+            penalty is ρ/2·Σ_g ‖W_g − Z_g + U_g‖² / ms_g: a per-group ρ_g = ρ/ms_g.
+            A kernel followed by batch norm computes the same function at any
+            scale a, where the task gradient scales as 1/a and the raw penalty's
+            as a; divided by ms_g both scale alike, so one ρ suits models whose
+            weights differ in magnitude (a keras.applications model trained
+            without weight decay and our zoo's). U stays the scaled dual of
+            each group's own ρ_g, so the Z/U updates do not change.
         groups: the model's `ChannelGroup`s (computed when omitted).
         name: layer name.
 
@@ -156,6 +165,7 @@ class ADMM(keras.layers.Layer):
         sparsity_schedule=None,
         rho=1e-3,
         update_every=4,
+        normalize=False,
         groups=None,
         name="admm",
         **kwargs,
@@ -168,6 +178,9 @@ class ADMM(keras.layers.Layer):
         keep = _keep_counts(keep)
         self._model_name = model.name
         self.update_every = update_every
+        if not isinstance(normalize, bool):
+            raise ValueError(f"normalize must be True or False; received normalize={normalize!r}")
+        self.normalize = normalize
         self.rho_schedule = schedules.get_rho_schedule(rho)
         self._groups = []
         total, removed = 0, 0
@@ -224,11 +237,17 @@ class ADMM(keras.layers.Layer):
             shape=(), initializer="zeros", trainable=False, name="sparsity", aggregation=agg
         )
         self._masks = []
+        self._scales = []  # 1/ms_g with `normalize`, else 1
         for gi, (group, _, slots) in enumerate(self._groups):
             self._masks.append(
                 self.add_weight(
                     shape=(group.size,), initializer="ones", trainable=False,
                     name=f"mask_{gi}", aggregation=agg,
+                )
+            )
+            self._scales.append(
+                self.add_weight(
+                    shape=(), initializer="ones", trainable=False, name=f"scale_{gi}", aggregation=agg
                 )
             )
             for si, slot in enumerate(slots):
@@ -253,6 +272,7 @@ class ADMM(keras.layers.Layer):
             "sparsity_schedule": keras.saving.serialize_keras_object(self.sparsity_schedule),
             "rho": keras.saving.serialize_keras_object(self.rho_schedule),
             "update_every": self.update_every,
+            "normalize": self.normalize,
             "name": self.name,
         }
 
@@ -295,10 +315,16 @@ class ADMM(keras.layers.Layer):
         raise ValueError(f"group {group_id!r} is not regularised; regularised: {self.group_ids}")
 
     def reset(self, step=0):
-        """U ← 0, ρ ← ρ(step), Z ← Π_k(W) at the sparsity of `step`."""
-        for _, _, slots in self._groups:
+        """U ← 0, ρ ← ρ(step), Z ← Π_k(W) at the sparsity of `step`; with `normalize`, ms_g of W now."""
+        for (_, _, slots), scale in zip(self._groups, self._scales, strict=True):
             for slot in slots:
                 slot.u.assign(tf.zeros_like(slot.u))
+            if self.normalize:
+                values = [tf.cast(s.read(), tf.float32) for s in slots]
+                total = tf.add_n([tf.reduce_sum(tf.square(v)) for v in values])
+                count = float(sum(int(np.prod(v.shape)) for v in values))
+                mean_square = total / count
+                scale.assign(tf.where(mean_square > 0, 1.0 / tf.maximum(mean_square, 1e-30), 1.0))
         self.step.assign(tf.constant(step, tf.int64))
         self.rho.assign(tf.cast(self.rho_schedule(tf.constant(step, tf.int64)), tf.float32))
         self.sparsity.assign(0.0)
@@ -311,12 +337,17 @@ class ADMM(keras.layers.Layer):
         return self.penalty()
 
     def penalty(self):
-        """ρ/2 · Σ‖W − Z + U‖² over every regularised weight slice (float32 scalar)."""
+        """ρ/2 · Σ_g s_g·‖W_g − Z_g + U_g‖² over the regularised slices (float32 scalar).
+
+        s_g = 1, or 1/ms_g with `normalize`.
+        """
         total = tf.constant(0.0, tf.float32)
-        for _, _, slots in self._groups:
+        for (_, _, slots), scale in zip(self._groups, self._scales, strict=True):
+            group_total = tf.constant(0.0, tf.float32)
             for slot in slots:
                 diff = tf.cast(slot.read(), tf.float32) - slot.z.value + slot.u.value
-                total = total + tf.reduce_sum(tf.square(diff))
+                group_total = group_total + tf.reduce_sum(tf.square(diff))
+            total = total + scale.value * group_total
         return 0.5 * self.rho.value * total
 
     def relative_distance(self):
