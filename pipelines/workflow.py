@@ -894,6 +894,10 @@ def run(values, restart=False):
     """
     from tfkdp import runtime
 
+    values = dict(values)
+    if str(values.get("round_to", "")).strip().isdigit():
+        # One recorded value for `--round_to=8` (a string flag, as `auto` is) and `round_to=8`.
+        values["round_to"] = int(values["round_to"])
     own_dir = worker_dir(values)
     output_dir = own_dir or values["output_dir"]
     flags_only = {k: v for k, v in values.items() if k != "output_dir"}

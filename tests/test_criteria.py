@@ -206,3 +206,25 @@ def test_every_criterion_scores_every_prunable_group_of_a_zoo_model():
         for g in groups:
             assert scores[g.id].shape == (g.size,) and np.all(np.isfinite(scores[g.id]))
             assert np.all(scores[g.id] >= 0)
+
+
+@pytest.mark.parametrize("name", ["taylor", "hessian"])
+def test_data_criteria_score_a_model_held_by_a_strategy_as_its_plain_copy(name):
+    """Under `strategy.scope()` eager gradients of mirrored variables are refused: scored on a copy."""
+    from tfkdp import runtime
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, 12, 12, 1)).astype("float32")
+    y = (np.arange(16) % 3).astype("int32")
+    keras.utils.set_random_seed(0)
+    plain = _tiny_resnet()
+    strategy = runtime.mirrored_strategy()
+    with strategy.scope():
+        held = keras.models.clone_model(plain)
+        held.set_weights(plain.get_weights())
+        criterion = criteria.get(name, batch_size=8) if name == "taylor" else criteria.get(name)
+        scores = criterion(held, [g for g in channel_groups(held) if g.prunable], (x, y))
+    want = criterion(plain, [g for g in channel_groups(plain) if g.prunable], (x, y))
+    assert scores.keys() == want.keys()
+    for gid in want:
+        np.testing.assert_allclose(scores[gid], want[gid], rtol=1e-5, atol=1e-7)

@@ -171,6 +171,29 @@ def test_pruned_weights_stay_zero_through_kd_training_and_a_keras_round_trip(tin
     )
 
 
+def test_pruning_hook_runs_once_cross_replica_under_a_mirrored_strategy(tiny_images):
+    """The per-step prune under `MirroredStrategy` (2 CPU devices): a merge_call, not tf.cond per replica."""
+    from tfkdp import runtime
+
+    x, y = tiny_images
+    train = data.make_dataset(x, y, batch_size=16, training=False)
+    strategy = runtime.mirrored_strategy()
+    with strategy.scope():
+        teacher = _resnet(8, "teacher")
+        masked = unstructured.apply_weight_masks(_resnet(4, "student"))
+        pruner = unstructured.WeightPruner(
+            masked, schedules.PolynomialDecay(0.0, 0.6, begin_step=0, end_step=4, frequency=2)
+        )
+        distiller = tfkdp.Distiller(teacher, masked, sparsity=pruner)
+        distiller.compile(
+            optimizer=keras.optimizers.SGD(0.05),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=False,
+        )  # fmt: skip
+    distiller.fit(train, epochs=2, verbose=0)
+    sizes = [m.mask.numpy().size for m in unstructured.weight_masks(masked).values()]
+    assert pruner.sparsity()["pruned"] == sum(_expected_pruned(0.6, n) for n in sizes)
+
+
 def test_callback_prunes_during_fit_without_a_teacher(tiny_images):
     x, y = tiny_images
     train = data.make_dataset(x, y, batch_size=16, training=False)

@@ -219,6 +219,17 @@ class Dean(keras.layers.Layer):
         }
 
 
+def _numpy(variable):
+    """A Keras variable's value as a NumPy array, also under a (multi-worker) strategy.
+
+    `keras.ops.convert_to_numpy` of a `MultiWorkerMirroredStrategy` variable
+    fails ("object __array__ method not producing an array"); its `numpy()`
+    reads the local copy, which every worker holds equal.
+    """
+    value = variable.value if hasattr(variable, "value") else variable
+    return np.asarray(value.numpy() if hasattr(value, "numpy") else keras.ops.convert_to_numpy(value))
+
+
 def _concat_replicas(strategy, value):
     """The global batch of per-replica `value`: every replica's shard, on every worker."""
     if value is None:
@@ -447,16 +458,15 @@ class DeanTrace(keras.callbacks.Callback):
         self._seen = -1
 
     def on_train_batch_end(self, batch, logs=None):
-        updates = int(keras.ops.convert_to_numpy(self.dean.updates.value))
+        updates = int(_numpy(self.dean.updates))
         if updates == self._seen:
             return
         self._seen = updates
-        f = keras.ops.convert_to_numpy(self.dean.features.value)
-        w = keras.ops.convert_to_numpy(self.dean.loss_weights.value)
-        h = keras.ops.convert_to_numpy(self.dean.hypergradient.value)
-        step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
-        row = (step, f[0], f[1], f[2], w[0], w[1], h[0], h[1],
-               keras.ops.convert_to_numpy(self.dean.meta_loss.value))  # fmt: skip
+        f = _numpy(self.dean.features)
+        w = _numpy(self.dean.loss_weights)
+        h = _numpy(self.dean.hypergradient)
+        step = int(_numpy(self.model.optimizer.iterations))
+        row = (step, f[0], f[1], f[2], w[0], w[1], h[0], h[1], _numpy(self.dean.meta_loss))
         for key, value in zip(self.trace, row, strict=True):
             self.trace[key].append(int(value) if key == "step" else float(value))
 

@@ -25,6 +25,7 @@ for criteria that need a pass over data), and pass the instance wherever a
 criterion name is accepted.
 """
 
+import concurrent.futures
 import zlib
 
 import keras
@@ -313,6 +314,9 @@ class Taylor(Criterion):
         raise ValueError("Taylor needs data: call criterion(model, groups, data=...)")
 
     def __call__(self, model, groups, data=None):
+        return _outside_strategy(model, lambda m: self._scores(m, groups, data))
+
+    def _scores(self, model, groups, data=None):
         groups = list(groups)
         if data is None:
             raise ValueError(
@@ -365,6 +369,29 @@ class Taylor(Criterion):
         if batches == 0:
             raise ValueError("The 'taylor' criterion received an empty dataset")
         return {group.id: self._checked(group, totals[group.id] / batches) for group in groups}
+
+
+def _outside_strategy(model, score):
+    """`score(model)`, on a plain copy of `model` when a `tf.distribute` strategy is in scope.
+
+    Eager gradients of a strategy's variables are refused outside a replica
+    context ("DistributedVariable.handle is not available outside the replica
+    context"), which is where a method scores channels under `--strategy`.
+    The strategy scope is thread-local: a copy built in another thread has
+    ordinary variables, with the same layer names and weights, so the scores
+    are those of the model. Every worker scores the same data alike.
+    """
+    if not tf.distribute.has_strategy():
+        return score(model)
+    weights = model.get_weights()
+
+    def run():
+        copy = keras.models.clone_model(model)
+        copy.set_weights(weights)
+        return score(copy)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(run).result()
 
 
 def _as_dataset(data, batch_size):
@@ -439,6 +466,9 @@ class Hessian(Criterion):
         raise ValueError("Hessian needs data: call criterion(model, groups, data=...)")
 
     def __call__(self, model, groups, data=None):
+        return _outside_strategy(model, lambda m: self._scores(m, groups, data))
+
+    def _scores(self, model, groups, data=None):
         groups = list(groups)
         if data is None:
             raise ValueError(

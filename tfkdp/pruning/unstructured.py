@@ -470,6 +470,16 @@ class WeightPruner(keras.layers.Layer):
         Returns:
             A bool tensor, whether the masks were recomputed.
         """
+        if tf.distribute.has_strategy() and not tf.distribute.in_cross_replica_context():
+            # Under a strategy the hook runs per replica, and TF forbids the merge_call
+            # of a mirrored assign inside tf.cond: prune once, cross-replica (as ADMM does).
+            return tf.distribute.get_replica_context().merge_call(
+                lambda strategy, it: self._step_end(strategy.experimental_local_results(it)[0]),
+                args=(iterations,),
+            )
+        return self._step_end(iterations)
+
+    def _step_end(self, iterations):
         should, sparsity = self.sparsity_schedule(tf.cast(iterations, tf.int64))
         return tf.cond(
             tf.cast(should, tf.bool), lambda: self._prune(sparsity), lambda: tf.constant(False)
