@@ -8,7 +8,6 @@ for one training instead of each starting its own.
 import fcntl
 import json
 import os
-import platform
 import tempfile
 import time
 
@@ -110,14 +109,9 @@ def write_text(path, text):
 
 def cpu_name():
     """The CPU model name, for benchmark headers."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from tfkdp.pruning.alignment import cpu_model
+
+    return cpu_model()
 
 
 def markdown_table(rows, columns):

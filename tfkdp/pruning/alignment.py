@@ -38,6 +38,7 @@ from tfkdp import checks
 
 __all__ = [
     "CANDIDATES",
+    "cpu_model",
     "choose_alignment",
     "measure_alignment",
     "probe_counts",
@@ -90,7 +91,8 @@ def choose_alignment(per_mac, tolerance=0.05):
     return min(int(a) for a, v in per_mac.items() if v <= best * (1.0 + tolerance))
 
 
-def _cpu_model():
+def cpu_model():
+    """The CPU model name (`/proc/cpuinfo`, else `platform`): part of the cache key."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -103,8 +105,9 @@ def _cpu_model():
 
 def default_cache_dir():
     """`$TFKDP_CACHE/alignment`, else `~/.cache/tfkdp/alignment`."""
-    root = os.environ.get("TFKDP_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "tfkdp")
-    return os.path.join(root, "alignment")
+    from tfkdp.pruning.latency_model import cache_root
+
+    return os.path.join(cache_root(), "alignment")
 
 
 def _probe(channels):
@@ -150,7 +153,8 @@ def measure_alignment(runtime="litert", threads=1, counts=None, repeat=60, toler
         else {int(a): [int(c) for c in cs] for a, cs in counts.items()}
     )
     version = _runtime_version(runtime)
-    key_payload = json.dumps([runtime, version, int(threads), _cpu_model(), counts, _VERSION],
+    cpu = cpu_model()
+    key_payload = json.dumps([runtime, version, int(threads), cpu, counts, _VERSION],
                              sort_keys=True)  # fmt: skip
     key = hashlib.sha256(key_payload.encode()).hexdigest()[:24]
     path = None
@@ -175,7 +179,7 @@ def measure_alignment(runtime="litert", threads=1, counts=None, repeat=60, toler
         "round_to": choose_alignment(per_mac, tolerance), "tolerance": tolerance,
         "per_mac_ns": {str(a): v for a, v in per_mac.items()},
         "measured_ms": {str(c): v for c, v in measured.items()},
-        "runtime": runtime, "threads": int(threads), "version": version, "cpu": _cpu_model(),
+        "runtime": runtime, "threads": int(threads), "version": version, "cpu": cpu,
         "seconds": time.time() - start, "cached": False,
     }  # fmt: skip
     logging.info("round_to=auto: %s with %d thread(s) rewards multiples of %d (ns per MAC by "

@@ -44,10 +44,14 @@ RUNTIMES = {"litert": "tflite", "onnxruntime": "onnx"}
 _VERSION = 1  # bump when the fit changes: old cache entries are then ignored
 
 
+def cache_root():
+    """`$TFKDP_CACHE`, else `~/.cache/tfkdp`: where tfkdp keeps what it measured on this machine."""
+    return os.environ.get("TFKDP_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "tfkdp")
+
+
 def default_cache_dir():
     """`$TFKDP_CACHE/latency`, else `~/.cache/tfkdp/latency`."""
-    root = os.environ.get("TFKDP_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "tfkdp")
-    return os.path.join(root, "latency")
+    return os.path.join(cache_root(), "latency")
 
 
 def layer_kind(layer):
