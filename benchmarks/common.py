@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmarks: real data, one cached teacher, result files.
+"""Shared pieces of the benchmarks: real data, one cached teacher, step timing, result files.
 
 The teacher is trained once per (architecture, width, epochs, seed) and cached
 under `benchmarks/.cache/`; a file lock makes concurrent benchmark scripts wait
@@ -94,6 +94,29 @@ def get_teacher(name="resnet32", epochs=4, width=16, seed=0, learning_rate=0.1, 
     with open(info_path) as f:
         info = json.load(f)
     return keras.saving.load_model(path), info
+
+
+def timed_step_ends(model, data, steps, warmup):
+    """`time.perf_counter()` at the end of each timed `model.fit` step, from the last warm-up one.
+
+    Runs `warmup + steps` steps of one epoch of `model.fit(data)` (a compiled
+    model, a repeating dataset). Each step's loss value is read before its time
+    is taken: it forces the step to finish (GPU work is asynchronous).
+
+    Returns:
+        A list of seconds: `steps + 1` ends when `warmup` > 0 (the first is
+        the last warm-up step's), else `steps`; `np.diff` of it gives the
+        step times.
+    """
+    ends = []
+
+    class _Clock(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            float(keras.ops.convert_to_numpy(logs["loss"]))
+            ends.append(time.perf_counter())
+
+    model.fit(data, epochs=1, steps_per_epoch=warmup + steps, callbacks=[_Clock()], verbose=0)
+    return ends[warmup - 1 :] if warmup else ends
 
 
 def write_json(path, payload):

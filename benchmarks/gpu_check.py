@@ -15,7 +15,6 @@ Prints a table and writes benchmarks/results/gpu_check.json.
 import argparse
 import os
 import statistics
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -67,17 +66,8 @@ def time_step(args, policy, jit_compile):
         x = rng.uniform(0, 1, size=(args.batch_size * 2, *shape)).astype("float32")
         y = (np.arange(len(x)) % 10).astype("int32")
         data = tf.data.Dataset.from_tensor_slices((x, y)).repeat().batch(args.batch_size)
-        ends = []
-
-        class _Clock(keras.callbacks.Callback):
-            def on_train_batch_end(self, batch, logs=None):
-                # The loss value forces the step to finish (GPU work is asynchronous).
-                float(keras.ops.convert_to_numpy(logs["loss"]))
-                ends.append(time.perf_counter())
-
-        steps = args.warmup + args.steps
-        distiller.fit(data, epochs=1, steps_per_epoch=steps, callbacks=[_Clock()], verbose=0)
-        durations = np.diff(ends[args.warmup - 1 :] if args.warmup else ends) * 1000.0
+        ends = common.timed_step_ends(distiller, data, args.steps, args.warmup)
+        durations = np.diff(ends) * 1000.0
         return {
             "policy": policy, "xla": bool(jit_compile), "ms_median": statistics.median(durations),
             "ms_mean": float(np.mean(durations)), "timed_steps": len(durations),

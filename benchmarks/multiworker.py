@@ -16,7 +16,6 @@ Prints a table and writes benchmarks/results/multiworker.json.
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -40,16 +39,6 @@ def _parse(argv=None):
     return parser.parse_args(argv)
 
 
-def _free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def _worker(args):
     """One worker: builds the KDP step under the strategy, times it, prints one JSON line (chief)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -62,6 +51,7 @@ def _worker(args):
     import keras
     import numpy as np
 
+    from benchmarks import common
     from tfkdp import models
     from tfkdp.distill.distiller import Distiller
     from tfkdp.pruning.analysis import channel_groups
@@ -69,7 +59,6 @@ def _worker(args):
 
     replicas = strategy.num_replicas_in_sync
     global_batch = args.batch_per_replica * replicas
-    steps = args.warmup + args.steps
     rng = np.random.default_rng(0)
     shape = (args.image_size, args.image_size, 1)
     x = rng.uniform(0, 1, size=(global_batch * 4, *shape)).astype("float32")
@@ -95,18 +84,7 @@ def _worker(args):
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             jit_compile=runtime.default_jit_compile("auto"),
         )
-
-    class _Clock(keras.callbacks.Callback):
-        def __init__(self):
-            super().__init__()
-            self.ends = []
-
-        def on_train_batch_end(self, batch, logs=None):
-            self.ends.append(time.perf_counter())
-
-    clock = _Clock()
-    distiller.fit(data, epochs=1, steps_per_epoch=steps, callbacks=[clock], verbose=0)
-    timed = clock.ends[args.warmup - 1 :] if args.warmup else clock.ends
+    timed = common.timed_step_ends(distiller, data, args.steps, args.warmup)
     seconds = timed[-1] - timed[0]
     result = {
         "workers": int(strategy.cluster_resolver.cluster_spec().num_tasks("worker")),
@@ -123,7 +101,9 @@ def _worker(args):
 
 
 def _run_cluster(n, args):
-    ports = _free_ports(n)
+    from tfkdp import runtime
+
+    ports = runtime.free_ports(n)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     passed = [
         f"--steps={args.steps}", f"--warmup={args.warmup}",

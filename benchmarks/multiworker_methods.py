@@ -27,6 +27,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
+from tfkdp.train import runtime  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))  # the tests' worker harness
@@ -71,7 +72,7 @@ def run_method(method, folder, teacher, timeout):
                      formats=["tflite"], verify_samples=16, latency_repeat=2, **options)  # fmt: skip
     other = dict(values, output_dir=str(tmp / "worker1_out"))
     start = time.time()
-    procs = harness._launch(tmp, [values, other], harness._free_ports(2), attempt=1)
+    procs = harness._launch(tmp, [values, other], runtime.free_ports(2), attempt=1)
     row = {"method": method}
     try:
         for proc in procs:

@@ -52,7 +52,18 @@ flags.DEFINE_enum(
 flags.DEFINE_string(
     "method", "kdp",
     "Compression method: a name registered in tfkdp.methods (tfkdp.methods.names(); "
-    "built in: kdp, prune_only, kd_only, ddsl, mskd, pdc, weight).",
+    "built in: kdp, prune_only, kd_only, ddsl, mskd, pdc, weight, cascade), or several "
+    "comma-separated, or 'all': one teacher, every method under output_dir/<method>/, and "
+    "comparison.md/json with Pareto plots (see README, 'Which recipe').",
+)
+flags.DEFINE_list(
+    "seeds", [],
+    "Several seeds, e.g. 0,1,2: every --method runs once per seed (output_dir/<method>/seed<k>/) "
+    "and the comparison reports mean and spread. Empty: --seed alone.",
+)
+flags.DEFINE_enum(
+    "deploy_format", "tflite", ("tflite", "tflite_f16", "tflite_dynamic", "tflite_int8", "tflite_sparse"),
+    "Comparison of several methods: the export format whose file size and LiteRT latency are compared.",
 )
 flags.DEFINE_float("target_macs_reduction", 0.5, "Share of the student's MACs to remove, in (0, 1).")
 flags.DEFINE_float(
@@ -175,14 +186,17 @@ flags.register_validator(
     "compress_train_subset", lambda v: v >= 0, message="--compress_train_subset must be >= 0"
 )
 
-def _known_method(name):
+def _known_method(spec):
     # Imported at validation, not at flag definition, so --help answers without TensorFlow.
     from tfkdp import methods
 
-    if name not in methods.names():
-        raise flags.ValidationError(
-            f"--method={name!r} is not a registered method; valid: <{'|'.join(methods.names())}>"
-        )
+    for name in str(spec).split(","):
+        name = name.strip()
+        if name and name != "all" and name not in methods.names():
+            raise flags.ValidationError(
+                f"--method={name!r} is not a registered method; valid: <{'|'.join(methods.names())}>, "
+                "several comma-separated, or 'all'"
+            )
     return True
 
 
@@ -217,13 +231,22 @@ def main(argv):
         raise app.UsageError(f"Unexpected positional arguments: {argv[1:]}")
     # Imported here so `--help` and flag errors answer without loading TensorFlow.
     from tfkdp.export import VerificationError
-    from tfkdp.pipelines import workflow
+    from tfkdp.pipelines import compare, workflow
 
     non_finite_error = _non_finite_loss_error()
 
     values = resolved_flags()
     values["output_dir"] = FLAGS.output_dir
     start = time.time()
+    values.update(seeds=list(FLAGS.seeds), deploy_format=FLAGS.deploy_format)
+    try:
+        comparing = compare.is_comparison(values)
+    except ValueError as error:
+        print(f"tfkdp-compress: error: {error}", file=sys.stderr)
+        return 2
+    if comparing:
+        return _compare(values, start)
+    del values["seeds"], values["deploy_format"]
     # One line on stderr and no traceback (absl's logging.error would add a second line).
     try:
         report_md = workflow.run(values, restart=FLAGS.restart)
@@ -245,6 +268,24 @@ def main(argv):
         return 1
     print(report_md)
     print(f"Finished in {time.time() - start:.0f} s; outputs in {os.path.abspath(FLAGS.output_dir)}")
+    return 0
+
+
+def _compare(values, start):
+    """Several methods or seeds: `tfkdp.pipelines.compare`; exit 1 when a run failed."""
+    from tfkdp.pipelines import compare
+
+    try:
+        markdown, failed = compare.run(values, restart=FLAGS.restart)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"tfkdp-compress: error: {error}", file=sys.stderr)
+        return 2
+    print(markdown)
+    print(f"Finished in {time.time() - start:.0f} s; outputs in {os.path.abspath(FLAGS.output_dir)}")
+    if failed:
+        print(f"tfkdp-compress: error: {len(failed)} run(s) failed: {', '.join(failed)} (errors in "
+              f"{os.path.join(os.path.abspath(FLAGS.output_dir), 'comparison.md')})", file=sys.stderr)  # fmt: skip
+        return 1
     return 0
 
 

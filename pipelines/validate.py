@@ -3,19 +3,25 @@
 Each check raises `ValueError` (or `FileNotFoundError` for a path that does
 not exist) with one line naming the flag, the received value and what is
 allowed, so `tfkdp-compress` stops with exit code 2 in seconds instead of
-after a teacher has been trained on bad input.
+after a teacher has been trained on bad input. `folder_format` and
+`resolve_round_to_flag` also settle what the flags leave open: the input
+format of a `dir:` dataset, and `--round_to=auto`.
 """
 
 import os
 import zipfile
 
 import numpy as np
+from absl import logging
 
 __all__ = [
     "check_finite",
     "check_model_spec",
     "check_keras_file",
+    "check_model_io",
     "check_budget_reachable",
+    "folder_format",
+    "resolve_round_to_flag",
 ]
 
 _KERAS_SUFFIXES = (".keras", ".h5")
@@ -181,3 +187,103 @@ def check_budget_reachable(model, budget, round_to, min_channels=1):
             f"{getattr(model, 'name', 'the student')!r}{where} with --round_to={round_to} "
             f"(min_channels={min_channels}): {reason}{hint}"
         ) from None
+
+
+def check_model_io(model, ctx, what):
+    """Raises if `model`'s classes or input shape are not those of the pipeline's dataset.
+
+    Args:
+        model: the teacher or student (a model without `output_shape` or
+            `input_shape`, e.g. a SavedModel layer, is not checked there).
+        ctx: the pipeline's context (`flags["dataset"]`, `num_classes`, `input_shape`).
+        what: `"teacher"` or `"student"`, for the message.
+
+    Raises:
+        ValueError: naming the model's and the dataset's classes or shapes.
+    """
+    out = model.output_shape[-1] if hasattr(model, "output_shape") else None
+    if out is not None and out != ctx.num_classes:
+        raise ValueError(
+            f"the {what} outputs {out} classes but dataset {ctx.flags['dataset']!r} has "
+            f"{ctx.num_classes}; pass a {what} trained for this dataset"
+        )
+    shape = tuple(model.input_shape[1:]) if hasattr(model, "input_shape") else None
+    if shape is not None and shape != ctx.input_shape:
+        raise ValueError(
+            f"the {what} expects inputs of shape {shape} but dataset {ctx.flags['dataset']!r} "
+            f"has images of shape {ctx.input_shape}"
+        )
+
+
+def folder_format(values):
+    """`(image_size, color_mode)` of a `dir:` dataset: the teacher file's, else the flags'.
+
+    A teacher file fixes the input: its height, width and channels (1:
+    grayscale, 3: rgb) are used, a dynamic height/width taking `--image_size`.
+    A zoo teacher trained here takes `--image_size` and `--color_mode`.
+
+    Raises:
+        ValueError: for a teacher file whose input is not one image, or has
+            channels other than 1 or 3.
+    """
+    size = tuple(int(d) for d in values.get("image_size", (28, 28)))
+    color_mode = values.get("color_mode", "grayscale")
+    teacher = values["teacher"]
+    if not (os.path.isfile(teacher) and teacher.endswith(_KERAS_SUFFIXES)):
+        return size, color_mode  # a zoo name (or a SavedModel, whose input is not recorded)
+    shape = check_keras_file(teacher, "teacher").input_shape
+    if not isinstance(shape, tuple) or len(shape) != 4:
+        raise ValueError(
+            f"--teacher={teacher!r} has input shape {shape}; a dir: dataset needs one image "
+            "input of shape (batch, height, width, channels)"
+        )
+    channels = {1: "grayscale", 3: "rgb"}
+    if shape[3] not in channels:
+        raise ValueError(
+            f"--teacher={teacher!r} expects {shape[3]} input channels; dir: datasets give 1 "
+            "(grayscale) or 3 (rgb)"
+        )
+    size = (shape[1] or size[0], shape[2] or size[1])
+    logging.info("dir: images resized to %s, %s (the teacher's input)", size, channels[shape[3]])
+    return size, channels[shape[3]]
+
+
+def resolve_round_to_flag(ctx):
+    """Turns `--round_to` into an int in `ctx.flags`; `auto` is measured on `--latency_runtime`.
+
+    The measurement (`tfkdp.pruning.alignment.measure_alignment`) is cached per
+    machine; its result is kept in `ctx.alignment` for the report. A method
+    that removes no channels takes 1. Under `--strategy=multiworker` each host
+    would measure its own CPU, and hosts that chose differently would train
+    different plans: `auto` is refused there.
+
+    Raises:
+        ValueError: for a `--round_to` that is neither a positive integer nor
+            `auto`, and for `auto` under `--strategy=multiworker`.
+    """
+    from tfkdp import methods
+    from tfkdp.pruning import alignment
+
+    flags = ctx.flags
+    ctx.alignment = None
+    value = flags["round_to"]
+    if str(value).strip().lower() != "auto":
+        flags["round_to"] = alignment.resolve_round_to(value)
+        return
+    if not getattr(methods.get_class(flags["method"]), "prunes", True):
+        flags["round_to"] = 1
+        return
+    if flags["strategy"] == "multiworker":
+        raise ValueError(
+            "--round_to=auto is measured on each host, and hosts that disagree would train "
+            "different plans: pass an integer under --strategy=multiworker, e.g. --round_to=8"
+        )
+    runtime, threads = flags["latency_runtime"], int(flags["latency_threads"])
+    print(f"--round_to=auto: measuring the channel alignment {runtime} ({threads} thread(s)) "
+          "rewards (once per machine, cached) ...", flush=True)  # fmt: skip
+    result = alignment.measure_alignment(runtime, threads)
+    flags["round_to"] = int(result["round_to"])
+    ctx.alignment = result
+    per_mac = ", ".join(f"{a}: {v:.4g}" for a, v in result["per_mac_ns"].items())
+    print(f"--round_to=auto: multiples of {flags['round_to']} (ns per MAC by alignment: {per_mac}"
+          f"{'; cached' if result.get('cached') else ''})", flush=True)  # fmt: skip

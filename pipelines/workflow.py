@@ -1,22 +1,28 @@
-"""Wiring of the compress pipeline's stages: library calls only, one function per stage."""
+"""Wiring of the compress pipeline's stages: library calls only, one function per stage.
 
-import contextlib
-import hashlib
+The strategy and multi-worker wiring lives in `distributed`, the checks of the
+inputs (and the resolution of `--round_to`) in `validate`.
+"""
+
 import json
 import os
 import shutil
 import sys
-import tempfile
 
 import keras
 import numpy as np
-import tensorflow as tf
 from absl import logging
 
 from tfkdp.export._atomic import tree_size_bytes, write_bytes_atomic, write_json_atomic
+from tfkdp.pipelines import distributed, validate
 from tfkdp.pipelines import report as report_lib
 from tfkdp.pipelines.config import RESUME_DIR, STAGE_FLAGS, STAGES
+from tfkdp.pipelines.distributed import TRAINING_STAGES, worker_dir
 from tfkdp.pipelines.state import StageRunner
+
+# Their former names here, which tests and scripts reach through `workflow`.
+_log_global_batch = distributed.log_global_batch
+_resolve_round_to = validate.resolve_round_to_flag
 
 
 def _verbose():
@@ -49,13 +55,13 @@ class Context:
         # --input_scaling: checked before any data is read or model trained (lists the valid names).
         self.scaling = _input_scaling(values)
         # Before any other TensorFlow work: MultiWorkerMirroredStrategy configures collectives.
-        self.strategy = _strategy(values["strategy"])
-        _log_global_batch(self.strategy, values)
+        self.strategy = distributed.make_strategy(values["strategy"])
+        distributed.log_global_batch(self.strategy, values)
         kind, path = data.parse_spec(values["dataset"])
         if kind == "dir":
             from tfkdp.folders import ImageFolder
 
-            image_size, color_mode = _folder_format(values)
+            image_size, color_mode = validate.folder_format(values)
             # Lists the splits and decodes every file once: a corrupt image stops here.
             self.folder = ImageFolder(path, image_size, color_mode)
             logging.info("dataset %s: %s, %s", values["dataset"], self.folder.describe(),
@@ -80,13 +86,13 @@ class Context:
             train = self.folder.dataset("train", batch, training=True, seed=seed, limit=subset,
                                         scaling=self.scaling)  # fmt: skip
             val = self.folder.dataset("val", 512, scaling=self.scaling)
-            return _sharded(self, train), _sharded(self, val)
+            return distributed.sharded(self, train), distributed.sharded(self, val)
         x, y = self.x_train, self.y_train
         if subset:
             x, y = x[:subset], y[:subset]
         train = data.make_dataset(x, y, batch, training=True, seed=seed, scaling=self.scaling)
         val = data.make_dataset(self.x_val, self.y_val, 512, scaling=self.scaling)
-        return _sharded(self, train), _sharded(self, val)
+        return distributed.sharded(self, train), distributed.sharded(self, val)
 
     def test_inputs(self, limit=None, raw=False):
         """The first `limit` test images (all if None) scaled as for training, and their labels.
@@ -134,37 +140,6 @@ class Context:
         return os.path.join(self.runner.stage_dir(stage), name)
 
 
-def _folder_format(values):
-    """`(image_size, color_mode)` of a `dir:` dataset: the teacher file's, else the flags'.
-
-    A teacher file fixes the input: its height, width and channels (1:
-    grayscale, 3: rgb) are used, a dynamic height/width taking `--image_size`.
-    A zoo teacher trained here takes `--image_size` and `--color_mode`.
-    """
-    size = tuple(int(d) for d in values.get("image_size", (28, 28)))
-    color_mode = values.get("color_mode", "grayscale")
-    teacher = values["teacher"]
-    if not (os.path.isfile(teacher) and teacher.endswith((".keras", ".h5"))):
-        return size, color_mode  # a zoo name (or a SavedModel, whose input is not recorded)
-    from tfkdp.pipelines import validate
-
-    shape = validate.check_keras_file(teacher, "teacher").input_shape
-    if not isinstance(shape, tuple) or len(shape) != 4:
-        raise ValueError(
-            f"--teacher={teacher!r} has input shape {shape}; a dir: dataset needs one image "
-            "input of shape (batch, height, width, channels)"
-        )
-    channels = {1: "grayscale", 3: "rgb"}
-    if shape[3] not in channels:
-        raise ValueError(
-            f"--teacher={teacher!r} expects {shape[3]} input channels; dir: datasets give 1 "
-            "(grayscale) or 3 (rgb)"
-        )
-    size = (shape[1] or size[0], shape[2] or size[1])
-    logging.info("dir: images resized to %s, %s (the teacher's input)", size, channels[shape[3]])
-    return size, channels[shape[3]]
-
-
 def _input_scaling(values):
     """The `--input_scaling` name, checked (`ValueError` listing the valid names); default `unit`."""
     from tfkdp import scaling
@@ -175,67 +150,6 @@ def _input_scaling(values):
 def _baked(ctx):
     """The scaling baked into the exported artifacts (`--bake_preprocessing`), or None."""
     return ctx.scaling if ctx.flags.get("bake_preprocessing", False) else None
-
-
-def _strategy(name):
-    if name == "default":
-        return tf.distribute.get_strategy()
-    from tfkdp import runtime
-
-    if name == "multiworker":
-        strategy = runtime.multiworker_strategy()
-        resolver = strategy.cluster_resolver
-        logging.info("MultiWorkerMirroredStrategy: task %s:%d of %s, local devices %s",
-                     resolver.task_type, resolver.task_id, resolver.cluster_spec().as_dict(),
-                     list(strategy.extended.worker_devices))  # fmt: skip
-        return strategy
-    strategy = runtime.mirrored_strategy()
-    logging.info("MirroredStrategy over %s", list(strategy.extended.worker_devices))
-    return strategy
-
-
-def _log_global_batch(strategy, values):
-    """Logs how `--batch_size` (the global batch) splits over the replicas.
-
-    Raises:
-        ValueError: under `--strategy=multiworker`, a global batch that is not
-            a multiple of the replicas (the workers would get unequal shares).
-    """
-    replicas, batch = strategy.num_replicas_in_sync, values["batch_size"]
-    if values["strategy"] == "multiworker" and batch % replicas:
-        raise ValueError(
-            f"--batch_size={batch} is the global batch; under --strategy=multiworker it must be a "
-            f"multiple of the {replicas} replicas, e.g. {replicas * max(1, batch // replicas)}"
-        )
-    logging.info("global batch %d = %s per replica x %d replicas", batch,
-                 batch // replicas if batch % replicas == 0 else f"{batch / replicas:.3g}",
-                 replicas)  # fmt: skip
-
-
-def _sharded(ctx, dataset):
-    """`dataset` split across workers element-wise (auto-shard by DATA) under multiworker.
-
-    Every worker builds the same seeded pipeline and keeps its replicas' share
-    of each global batch. By FILE would need a file-reader source (e.g.
-    TFRecord); the arrays and the `dir:` file-name lists are not one, so TF
-    would fall back to DATA anyway (with a warning).
-    """
-    if ctx.flags["strategy"] != "multiworker":
-        return dataset
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    return dataset.with_options(options)
-
-
-def _backup_dir(ctx, stage):
-    """Per-epoch checkpoints of a stage's training phases under multiworker (`BackupAndRestore`)."""
-    if ctx.flags["strategy"] != "multiworker" or not stage:
-        return None
-    return os.path.join(ctx.runner.output_dir, RESUME_DIR, stage, "backup")
-
-
-def _scope(ctx):
-    return ctx.strategy.scope() if ctx.flags["strategy"] != "default" else contextlib.nullcontext()
 
 
 def _load_student(path):
@@ -258,21 +172,6 @@ def _summary(model, ctx):
     }
 
 
-def _check_io(model, ctx, what):
-    out = model.output_shape[-1] if hasattr(model, "output_shape") else None
-    if out is not None and out != ctx.num_classes:
-        raise ValueError(
-            f"the {what} outputs {out} classes but dataset {ctx.flags['dataset']!r} has "
-            f"{ctx.num_classes}; pass a {what} trained for this dataset"
-        )
-    shape = tuple(model.input_shape[1:]) if hasattr(model, "input_shape") else None
-    if shape is not None and shape != ctx.input_shape:
-        raise ValueError(
-            f"the {what} expects inputs of shape {shape} but dataset {ctx.flags['dataset']!r} "
-            f"has images of shape {ctx.input_shape}"
-        )
-
-
 def _teacher_path(ctx):
     record = ctx.runner.record("teacher")["summary"]
     return ctx.path("teacher", "teacher.keras") if record["trained_here"] else record["path"]
@@ -292,14 +191,14 @@ def stage_teacher(ctx, work):
     spec = ctx.flags["teacher"]
     if spec in models.names():
         keras.utils.set_random_seed(ctx.flags["seed"])
-        with _scope(ctx):
+        with distributed.scope(ctx):
             model = models.get(spec, input_shape=ctx.input_shape, num_classes=ctx.num_classes)
         train, val = ctx.datasets()
         training = phases.Training(
             learning_rate=ctx.flags["teacher_lr"], callbacks=tuple(_callbacks(ctx, "teacher")),
-            verbose=_verbose(), backup_dir=_backup_dir(ctx, "teacher"),
+            verbose=_verbose(), backup_dir=distributed.backup_dir(ctx, "teacher"),
         )
-        with _scope(ctx):
+        with distributed.scope(ctx):
             # The guarded supervised phase: a NaN/inf loss stops with NonFiniteLossError.
             phases.finetune(model, train, val, ctx.flags["teacher_epochs"], training, "teacher")
         model.save(os.path.join(work, "teacher.keras"))
@@ -307,7 +206,7 @@ def stage_teacher(ctx, work):
     from tfkdp.distill.distiller import load_teacher as load
 
     model = load(spec, input_shape=ctx.input_shape)
-    _check_io(model, ctx, "teacher")
+    validate.check_model_io(model, ctx, "teacher")
     if os.path.isdir(spec):
         # A SavedModel runs inference-only through TFSMLayer: its cost is not countable.
         return {
@@ -334,7 +233,7 @@ def build_student(ctx, teacher):
         keras.utils.set_random_seed(ctx.flags["seed"])
         return models.get(spec, input_shape=ctx.input_shape, num_classes=ctx.num_classes)
     student = _load_student(spec)
-    _check_io(student, ctx, "student")
+    validate.check_model_io(student, ctx, "student")
     return student
 
 
@@ -351,7 +250,7 @@ def _method(ctx, stage=None):
         learning_rate=ctx.flags["lr"],
         distillation_losses=(SoftTargetKD(temperature=ctx.flags["temperature"]),),
         callbacks=tuple(_callbacks(ctx, stage)) if stage else (),
-        verbose=_verbose(), backup_dir=_backup_dir(ctx, stage),
+        verbose=_verbose(), backup_dir=distributed.backup_dir(ctx, stage),
     )
     cls = methods.get_class(ctx.flags["method"])
     method = cls(**cls.pipeline_options(ctx.flags, training))
@@ -404,7 +303,7 @@ def stage_compress(ctx, work):
     """
     train, val = ctx.datasets(ctx.flags["compress_train_subset"])
     method = _method(ctx, "compress")
-    with _scope(ctx):
+    with distributed.scope(ctx):
         teacher = load_teacher(ctx)
         student = build_student(ctx, teacher)
         unprunable = _unprunable_groups(student)
@@ -438,7 +337,7 @@ def stage_finetune(ctx, work):
     """`Method.finetune`: the method's training of the masked student (and BN re-estimation)."""
     train, val = ctx.datasets(ctx.flags["compress_train_subset"])
     method = _method(ctx, "finetune")
-    with _scope(ctx):
+    with distributed.scope(ctx):
         teacher = load_teacher(ctx)
         pruned = _load_pruned(ctx, "compress", "masked.keras")
         pruned = method.finetune(teacher, pruned, train, val)
@@ -783,10 +682,9 @@ def preflight(ctx):
     `ValueError`/`FileNotFoundError` now, not after the teacher was trained.
     """
     from tfkdp import models
-    from tfkdp.pipelines import validate
 
     flags = ctx.flags
-    _resolve_round_to(ctx)
+    validate.resolve_round_to_flag(ctx)
     teacher_kind = validate.check_model_spec(flags["teacher"], "teacher")
     student_kind = validate.check_model_spec(
         flags["student"], "student", allow_savedmodel=False, keywords=("teacher",)
@@ -811,70 +709,6 @@ def preflight(ctx):
     else:
         architecture = validate.check_keras_file(spec, "teacher" if student_kind == "keyword" else "student")
     validate.check_budget_reachable(architecture, budget, flags["round_to"])
-
-
-def _resolve_round_to(ctx):
-    """Turns `--round_to` into an int in `ctx.flags`; `auto` is measured on `--latency_runtime`.
-
-    The measurement (`tfkdp.pruning.alignment.measure_alignment`) is cached per
-    machine; its result is kept in `ctx.alignment` for the report. A method
-    that removes no channels takes 1. Under `--strategy=multiworker` each host
-    would measure its own CPU, and hosts that chose differently would train
-    different plans: `auto` is refused there.
-    """
-    from tfkdp import methods
-    from tfkdp.pruning import alignment
-
-    flags = ctx.flags
-    ctx.alignment = None
-    value = flags["round_to"]
-    if str(value).strip().lower() != "auto":
-        flags["round_to"] = alignment.resolve_round_to(value)
-        return
-    if not getattr(methods.get_class(flags["method"]), "prunes", True):
-        flags["round_to"] = 1
-        return
-    if flags["strategy"] == "multiworker":
-        raise ValueError(
-            "--round_to=auto is measured on each host, and hosts that disagree would train "
-            "different plans: pass an integer under --strategy=multiworker, e.g. --round_to=8"
-        )
-    runtime, threads = flags["latency_runtime"], int(flags["latency_threads"])
-    print(f"--round_to=auto: measuring the channel alignment {runtime} ({threads} thread(s)) "
-          "rewards (once per machine, cached) ...", flush=True)  # fmt: skip
-    result = alignment.measure_alignment(runtime, threads)
-    flags["round_to"] = int(result["round_to"])
-    ctx.alignment = result
-    per_mac = ", ".join(f"{a}: {v:.4g}" for a, v in result["per_mac_ns"].items())
-    print(f"--round_to=auto: multiples of {flags['round_to']} (ns per MAC by alignment: {per_mac}"
-          f"{'; cached' if result.get('cached') else ''})", flush=True)  # fmt: skip
-
-
-# Stages every worker runs under --strategy=multiworker (they train, in lockstep);
-# the chief alone runs the others.
-TRAINING_STAGES = ("teacher", "compress", "finetune")
-
-
-def worker_dir(values):
-    """The folder a non-chief worker writes to instead of `output_dir`; `None` on the chief.
-
-    Under `--strategy=multiworker` only the chief (`tfkdp.runtime.is_chief`)
-    writes stage outputs, reports, artifacts and TensorBoard logs to
-    `output_dir`. Every other worker keeps its own stage state, checkpoints
-    and logs in `<tmp>/tfkdp-<task type><index>-<hash of output_dir>`: the
-    same folder when the worker is restarted with the same TF_CONFIG, so it
-    resumes as the chief does; `run` removes it when the worker finishes.
-    """
-    if values.get("strategy") != "multiworker":
-        return None
-    from tfkdp import runtime
-
-    config = runtime.parse_tf_config()
-    if runtime.is_chief(config):
-        return None
-    key = hashlib.sha1(os.path.abspath(values["output_dir"]).encode("utf-8")).hexdigest()[:12]
-    task = config["task"]
-    return os.path.join(tempfile.gettempdir(), f"tfkdp-{task['type']}{task['index']}-{key}")
 
 
 def run(values, restart=False):
@@ -910,18 +744,6 @@ def run(values, restart=False):
         keras.mixed_precision.set_global_policy(previous_policy)
 
 
-def _barrier(ctx):
-    """Under multiworker, waits until every worker gets here (one all-reduce).
-
-    A worker that leaves while the chief still exports makes the chief's
-    process hang at exit (TensorFlow's coordination service waits for it),
-    so the workers wait for the chief and all leave together.
-    """
-    if ctx.flags["strategy"] == "multiworker":
-        strategy = ctx.strategy
-        strategy.reduce("SUM", strategy.run(lambda: tf.constant(1.0)), axis=None)
-
-
 def _run_stages(values, runner, own_dir):
     flags_only = {k: v for k, v in values.items() if k != "output_dir"}
     ctx = Context(flags_only, runner)  # loads and checks the data (NaN/inf, shapes, labels)
@@ -938,7 +760,7 @@ def _run_stages(values, runner, own_dir):
                 _run_stage(ctx, runner, index, stage)
         return _finish(runner)
     finally:
-        _barrier(ctx)  # also when a chief-only stage fails, so no worker waits forever
+        distributed.barrier(ctx)  # also when a chief-only stage fails, so no worker waits forever
 
 
 def _run_stage(ctx, runner, index, stage):

@@ -9,7 +9,6 @@ import glob
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -164,15 +163,6 @@ print("RESULT", workflow.run(values).splitlines()[0], flush=True)
 _LAUNCH_TIMEOUT = 900
 
 
-def _free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
 
 def _launch(tmp_path, values_by_worker, ports, attempt):
     script = tmp_path / "worker.py"
@@ -222,7 +212,7 @@ def test_two_workers_run_kdp_resume_after_a_kill_and_match_one_process(
 ):
     from test_pipeline import _values
 
-    ports = _free_ports(2)
+    ports = runtime.free_ports(2)
     common = dict(teacher=tiny_teacher, strategy="multiworker", compress_epochs=1,
                   finetune_epochs=2, formats=["tflite"], verify_samples=16, latency_repeat=2)  # fmt: skip
     chief = _values(tmp_path, **common)

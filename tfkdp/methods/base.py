@@ -215,6 +215,26 @@ class Method:
         """
         return {"training": training}
 
+    @classmethod
+    def split_epochs(cls, total, finetune_epochs, flags):
+        """The pipeline flags that give this method `total` training epochs in all.
+
+        `tfkdp-compress --method=a,b,...` trains every method for the same
+        number of epochs; each method splits them over its own phases. The
+        base class has no phases the pipeline knows of and keeps the flags.
+
+        Args:
+            total: epochs every compared method trains, in all (>= 1).
+            finetune_epochs: the fine-tune share the user asked for
+                (`--finetune_epochs`).
+            flags: the other resolved pipeline flags (e.g. the method's own).
+
+        Returns:
+            `{flag name: value}` to override, e.g. `{"compress_epochs": 2,
+            "finetune_epochs": 1}`; `{}` keeps the user's flags.
+        """
+        return {}
+
     def load_state(self, filename):
         """The JSON object saved as `filename` in `state_dir`, or None (no `state_dir` or no file)."""
         import json
@@ -453,6 +473,18 @@ class Recipe(Method):
             "admm_epochs": flags["compress_epochs"], "finetune_epochs": finetune_epochs,
             "criterion": flags["criterion"], "round_to": flags["round_to"], "training": training,
         }  # fmt: skip
+
+    @classmethod
+    def split_epochs(cls, total, finetune_epochs, flags):
+        """`total − finetune_epochs` compress epochs and `finetune_epochs`; all of them compress
+        epochs for a recipe without a fine-tune phase (`no_finetune`).
+
+        The first phase keeps at least `first_phase_minimum` epochs (and one).
+        """
+        if cls.no_finetune:
+            return {"compress_epochs": total, "finetune_epochs": 0}
+        finetune = min(finetune_epochs, total - max(1, cls.first_phase_minimum))
+        return {"compress_epochs": total - max(0, finetune), "finetune_epochs": max(0, finetune)}
 
     @property
     def total_epochs(self):

@@ -410,6 +410,13 @@ class Cascade(Recipe):
         return model_names(self.num_tas)
 
     @classmethod
+    def split_epochs(cls, total, finetune_epochs, flags):
+        """Stage 2 (the fine-tune) takes `--cascade_stage2_epochs` (or `finetune_epochs` if that is
+        larger), at most `total − 1`; stage 1 the rest."""
+        stage2 = min(max(flags.get("cascade_stage2_epochs", 1), finetune_epochs), total - 1)
+        return {"compress_epochs": total - stage2, "finetune_epochs": 0, "cascade_stage2_epochs": stage2}
+
+    @classmethod
     def pipeline_options(cls, flags, training):
         """The shared options plus `--cascade_num_tas`, `--cascade_levels`, `--cascade_stage2_epochs`."""
         options = super().pipeline_options(flags, training)

@@ -124,6 +124,14 @@ class WeightPruning(Method):
         self.training = Training.of(training)
 
     @classmethod
+    def split_epochs(cls, total, finetune_epochs, flags):
+        """The KD fine-tune keeps `finetune_epochs` where it can; `--compress_epochs` the rest
+        (at least 2 in sequential order: one of KD, one of pruning)."""
+        minimum = 2 if flags.get("weight_order", "sequential") == "sequential" else 1
+        finetune = max(0, min(finetune_epochs, total - minimum))
+        return {"compress_epochs": max(1, total - finetune), "finetune_epochs": finetune}
+
+    @classmethod
     def pipeline_options(cls, flags, training):
         """`--weight_order`, `--target_sparsity`; `--compress_epochs` split over KD and pruning.
 

@@ -44,6 +44,7 @@ import tensorflow as tf
 from tfkdp import checks
 from tfkdp.pruning.masks import ChannelMask, WeightMask, _MaskConstraint
 from tfkdp.pruning.sparsity import schedules
+from tfkdp.train import runtime
 
 __all__ = [
     "SCOPES",
@@ -470,14 +471,8 @@ class WeightPruner(keras.layers.Layer):
         Returns:
             A bool tensor, whether the masks were recomputed.
         """
-        if tf.distribute.has_strategy() and not tf.distribute.in_cross_replica_context():
-            # Under a strategy the hook runs per replica, and TF forbids the merge_call
-            # of a mirrored assign inside tf.cond: prune once, cross-replica (as ADMM does).
-            return tf.distribute.get_replica_context().merge_call(
-                lambda strategy, it: self._step_end(strategy.experimental_local_results(it)[0]),
-                args=(iterations,),
-            )
-        return self._step_end(iterations)
+        # Under a strategy the hook runs per replica: the mirrored masks are pruned once.
+        return runtime.call_once_cross_replica(self._step_end, iterations)
 
     def _step_end(self, iterations):
         should, sparsity = self.sparsity_schedule(tf.cast(iterations, tf.int64))

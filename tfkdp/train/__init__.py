@@ -5,7 +5,7 @@
 - `guard`: `NonFiniteGuard`, `NonFiniteLossError`;
 - `batchnorm`: `recalibrate_batchnorm`;
 - `clone`: `copy_model` (self-compression copy);
-- `runtime`: XLA and device choice, `mirrored_strategy`.
+- `runtime`: XLA and device choice, strategies (`mirrored_strategy`, `multiworker_strategy`), mixed precision, `call_once_cross_replica`, `free_ports`.
 """
 
 from tfkdp.train import batchnorm, clone, guard, phases, recipe, runtime

@@ -2,13 +2,16 @@
 
 import json
 import os
+import socket
 
 import tensorflow as tf
 
 __all__ = [
     "MIXED_PRECISION",
     "TF_CONFIG_EXAMPLE",
+    "call_once_cross_replica",
     "default_jit_compile",
+    "free_ports",
     "has_gpu",
     "is_chief",
     "mirrored_strategy",
@@ -80,6 +83,38 @@ def mirrored_strategy(devices=None):
     return tf.distribute.MirroredStrategy(
         devices, cross_device_ops=tf.distribute.ReductionToOneDevice()
     )
+
+
+def call_once_cross_replica(fn, *args):
+    """Calls `fn(*args)` once for all replicas, also from a per-replica train step.
+
+    Under a `tf.distribute` strategy a train-step hook runs once per replica,
+    and an assign to a mirrored variable inside `tf.cond` there needs a
+    `merge_call`, which TensorFlow forbids in control flow. In a replica
+    context this merges to the cross-replica context and calls `fn` there,
+    once, on the first local replica's value of each argument; outside a
+    strategy, or already cross-replica, it calls `fn(*args)`.
+
+    Args:
+        fn: what to run once (e.g. a step-end update of mirrored variables).
+        *args: tensors with the same value on every replica (e.g.
+            `optimizer.iterations`).
+
+    Returns:
+        What `fn` returns.
+
+    Example:
+        >>> int(call_once_cross_replica(lambda step: step + 1, tf.constant(1)))
+        2
+    """
+    if tf.distribute.has_strategy() and not tf.distribute.in_cross_replica_context():
+        return tf.distribute.get_replica_context().merge_call(
+            lambda strategy, *values: fn(
+                *(strategy.experimental_local_results(v)[0] for v in values)
+            ),
+            args=args,
+        )
+    return fn(*args)
 
 
 # --------------------------------------------------------------- multi-worker
@@ -238,6 +273,34 @@ class _MultiWorkerMirroredStrategy(tf.distribute.MultiWorkerMirroredStrategy):
         if axis is not None and getattr(local, "shape", None) is not None and local.shape.rank == 0:
             axis = None
         return super().reduce(reduce_op, value, axis)
+
+
+def free_ports(n):
+    """`n` distinct TCP ports that were free on 127.0.0.1, for a local cluster's `TF_CONFIG`.
+
+    The ports are bound together (so they differ) and released before
+    returning: another process may take one in between, which a local test or
+    benchmark cluster can afford.
+
+    Args:
+        n: how many ports.
+
+    Returns:
+        A list of `n` port numbers.
+
+    Example:
+        >>> ports = free_ports(2)
+        >>> len(set(ports))
+        2
+    """
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 # ----------------------------------------------------------- mixed precision

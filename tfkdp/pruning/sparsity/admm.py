@@ -37,6 +37,7 @@ from tfkdp.pruning import criteria
 from tfkdp.pruning.analysis import channel_groups, get_weight
 from tfkdp.pruning.plan import PruningPlan
 from tfkdp.pruning.sparsity import schedules
+from tfkdp.train import runtime
 
 __all__ = ["ADMM", "project_channels"]
 
@@ -396,15 +397,8 @@ class ADMM(keras.layers.Layer):
         Returns:
             A bool tensor, whether Z/U were updated.
         """
-        if tf.distribute.has_strategy() and not tf.distribute.in_cross_replica_context():
-            # Under a (mirrored) strategy the hook runs once per replica; assigning to
-            # the mirrored Z/U/ρ inside `tf.cond` there needs a merge_call, which
-            # TF does not allow in control flow. Do the update once, cross-replica.
-            return tf.distribute.get_replica_context().merge_call(
-                lambda strategy, it: self._step_end(strategy.experimental_local_results(it)[0]),
-                args=(iterations,),
-            )
-        return self._step_end(iterations)
+        # Under a strategy the hook runs per replica: the mirrored Z/U/ρ are updated once.
+        return runtime.call_once_cross_replica(self._step_end, iterations)
 
     def _step_end(self, iterations):
         step = tf.cast(iterations, tf.int64)
