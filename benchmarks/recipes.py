@@ -55,6 +55,8 @@ NEEDS_VALIDATION = ("ddsl", "cascade")  # mskd carves its own held-out batches f
 VARIANTS = {
     # MS-KD's baseline: KD of the plain L1 candidate, same step budget, no selection.
     "mskd_l1": ("mskd", {"criteria": ["l1"], "allocations": ["global"], "top_k": 1}),
+    # PDC with C-SGD's constant ε = 3e-3 instead of epsilon="auto" (sized to the phase).
+    "pdc_eps0.003": ("pdc", {"epsilon": 3e-3}),
     # Cascade with 0, 1 and 2 teaching assistants.
     **{f"cascade_ta{k}": ("cascade", {"num_tas": k}) for k in (0, 1, 2)},
 }

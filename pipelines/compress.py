@@ -147,7 +147,11 @@ flags.DEFINE_integer("mskd_top_k", 3, "mskd: candidates given a short KD before 
 flags.DEFINE_integer(
     "mskd_select_steps", 0, "mskd: KD steps per top-k candidate (0: a tenth of an epoch)."
 )
-flags.DEFINE_float("pdc_epsilon", 3e-3, "pdc: strength of the centripetal pull.")
+flags.DEFINE_string(
+    "pdc_epsilon", "auto",
+    "pdc: strength of the centripetal pull, a number > 0, or 'auto' (sized to the phase so the "
+    "clusters close; the value used is in the report).",
+)
 flags.DEFINE_enum(
     "weight_order", "sequential", ("sequential", "joint"),
     "weight: KD → prune → KD fine-tune (sequential) or prune during KD (joint).",

@@ -228,3 +228,37 @@ def test_pipeline_runs_pdc_end_to_end(tmp_path, tiny_teacher):
     assert record["pdc_distance"][-1] < record["pdc_distance"][0]
     assert os.path.exists(os.path.join(out, "pdc_distance.png"))
     assert report["artifacts"][0]["top1_agreement"] == 1.0
+
+
+def test_auto_epsilon_closes_a_deviation_to_the_residual_under_the_house_optimizer():
+    """ε from `auto_epsilon`, fed to the house SGD as the pull ε·d, leaves ~residual of d."""
+    import keras
+
+    from tfkdp.methods.pdc import auto_epsilon
+    from tfkdp.train.recipe import make_optimizer
+
+    steps, lr, residual = 300, 0.05, 1e-2
+    epsilon = auto_epsilon(steps, lr, residual=residual)
+    d = keras.Variable(np.ones(4, "float32"))
+    optimizer = make_optimizer(steps, lr, weight_decay=0.0)
+    for _ in range(steps):
+        optimizer.apply_gradients([(epsilon * d.value, d)])
+    left = float(np.abs(d.numpy()).max())
+    assert residual / 1.5 < left <= residual * 1.01, (epsilon, left)
+
+
+def test_epsilon_auto_and_its_errors():
+    from tfkdp.methods.pdc import auto_epsilon
+    from tfkdp.train.phases import Training
+
+    assert methods.get("pdc").get_config()["epsilon"] == "auto"
+    assert methods.get("pdc", epsilon="0.01").epsilon == 0.01  # a flag's string
+    with pytest.raises(ValueError, match="'auto' or a number"):
+        methods.get("pdc", epsilon="strong")
+    with pytest.raises(ValueError, match="adamw"):
+        methods.get("pdc", training=Training(optimizer="adamw"))
+    with pytest.raises(ValueError, match="residual"):
+        auto_epsilon(100, 0.05, residual=1.5)
+    # More steps or a higher learning rate need a weaker pull.
+    assert auto_epsilon(2000, 0.05) < auto_epsilon(200, 0.05)
+    assert auto_epsilon(200, 0.1) == pytest.approx(auto_epsilon(200, 0.05) / 2, rel=1e-5)

@@ -48,7 +48,7 @@ def _values(tmp_path, **overrides):
         "dean_every": 10, "dean_lr": 0.05, "dean_distill_max": 2.0, "dean_sparsity_max": 2.0,
         "mskd_criteria": ["l1", "l2", "bn_gamma", "taylor", "fpgm", "hessian"],
         "mskd_allocations": ["global", "uniform"], "mskd_top_k": 3, "mskd_select_steps": 0,
-        "pdc_epsilon": 3e-3, "weight_order": "sequential", "target_sparsity": 0.5,
+        "pdc_epsilon": "auto", "weight_order": "sequential", "target_sparsity": 0.5,
         "cascade_num_tas": 1, "cascade_levels": [], "cascade_stage2_epochs": 1,
     }
     values.update(overrides)

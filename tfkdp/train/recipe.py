@@ -59,17 +59,31 @@ def make_optimizer(
         raise ValueError(f"learning_rate must be > 0; received learning_rate={learning_rate!r}")
     if not 0.0 <= warmup_fraction < 1.0:
         raise ValueError(f"warmup_fraction must lie in [0, 1); received {warmup_fraction!r}")
-    warmup = int(math.floor(total_steps * warmup_fraction))
-    schedule = keras.optimizers.schedules.CosineDecay(
+    schedule = make_schedule(total_steps, learning_rate, warmup_fraction)
+    decay = float(weight_decay) or None
+    if optimizer == "sgd":
+        return keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True, weight_decay=decay)
+    return keras.optimizers.AdamW(schedule, weight_decay=float(weight_decay))
+
+
+def make_schedule(total_steps, learning_rate=0.05, warmup_fraction=0.05):
+    """`make_optimizer`'s learning-rate schedule: linear warm-up, then cosine decay to zero.
+
+    Args:
+        total_steps: optimizer steps of the whole run (>= 1).
+        learning_rate: peak learning rate.
+        warmup_fraction: share of `total_steps` spent warming up, in [0, 1).
+
+    Returns:
+        A `keras.optimizers.schedules.CosineDecay` (callable on step numbers).
+    """
+    warmup = int(math.floor(int(total_steps) * warmup_fraction))
+    return keras.optimizers.schedules.CosineDecay(
         initial_learning_rate=0.0 if warmup else learning_rate,
         decay_steps=max(1, int(total_steps) - warmup),
         warmup_target=learning_rate if warmup else None,
         warmup_steps=warmup,
     )
-    decay = float(weight_decay) or None
-    if optimizer == "sgd":
-        return keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True, weight_decay=decay)
-    return keras.optimizers.AdamW(schedule, weight_decay=float(weight_decay))
 
 
 def compile_classifier(model, optimizer, jit_compile="auto", steps_per_execution=1):
