@@ -20,6 +20,7 @@ __all__ = [
     "check_keras_file",
     "check_model_io",
     "check_budget_reachable",
+    "check_budget_with_alignment",
     "folder_format",
     "resolve_round_to_flag",
 ]
@@ -287,3 +288,38 @@ def resolve_round_to_flag(ctx):
     per_mac = ", ".join(f"{a}: {v:.4g}" for a, v in result["per_mac_ns"].items())
     print(f"--round_to=auto: multiples of {flags['round_to']} (ns per MAC by alignment: {per_mac}"
           f"{'; cached' if result.get('cached') else ''})", flush=True)  # fmt: skip
+
+
+def check_budget_with_alignment(ctx, model, budget):
+    """`check_budget_reachable`, letting `--round_to=auto` fall back to a finer alignment.
+
+    The alignment `auto` measured can make a small model's budget unreachable
+    (resnet8's 16/32/64-channel groups cannot lose half their MACs in steps
+    of 16). Then the largest finer alignment (halving down to 1) that reaches
+    the budget is used, said on stdout, and recorded in
+    `ctx.alignment["fallback"]`. An integer `--round_to` is never changed.
+
+    Raises:
+        ValueError: the budget is unreachable with an integer `--round_to`,
+            or with `auto` even at alignment 1 (the message of that check).
+    """
+    flags = ctx.flags
+    try:
+        return check_budget_reachable(model, budget, flags["round_to"])
+    except ValueError as error:
+        if getattr(ctx, "alignment", None) is None:
+            raise
+        measured, last_error = int(flags["round_to"]), error
+    round_to = measured // 2
+    while round_to >= 1:
+        try:
+            plan = check_budget_reachable(model, budget, round_to)
+        except ValueError as error:
+            last_error, round_to = error, round_to // 2
+            continue
+        flags["round_to"] = round_to
+        ctx.alignment = dict(ctx.alignment, fallback={"measured": measured, "used": round_to})
+        print(f"--round_to=auto: the budget is not reachable in multiples of {measured} on this "
+              f"model; using multiples of {round_to}", flush=True)  # fmt: skip
+        return plan
+    raise last_error

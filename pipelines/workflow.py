@@ -708,7 +708,7 @@ def preflight(ctx):
         return  # a SavedModel cannot be the student; build_student says so
     else:
         architecture = validate.check_keras_file(spec, "teacher" if student_kind == "keyword" else "student")
-    validate.check_budget_reachable(architecture, budget, flags["round_to"])
+    validate.check_budget_with_alignment(ctx, architecture, budget)
 
 
 def run(values, restart=False):

@@ -33,7 +33,7 @@ def test_choose_alignment_takes_the_smallest_within_tolerance_of_the_best(per_ma
 def test_measure_alignment_times_probes_once_then_reads_the_cache(tmp_path, monkeypatch):
     counts = {1: [7], 8: [8]}
     first = alignment.measure_alignment(
-        "litert", 1, counts=counts, repeat=3, cache_dir=str(tmp_path)
+        "litert", 1, counts=counts, repeat=3, cache_dir=str(tmp_path / "fresh" / "alignment")
     )
     assert first["cached"] is False and first["round_to"] in (1, 8)
     assert set(first["measured_ms"]) == {"7", "8"} and all(
@@ -49,7 +49,7 @@ def test_measure_alignment_times_probes_once_then_reads_the_cache(tmp_path, monk
 
     monkeypatch.setattr(alignment, "_time_probes", no_timing)
     second = alignment.measure_alignment(
-        "litert", 1, counts=counts, repeat=3, cache_dir=str(tmp_path)
+        "litert", 1, counts=counts, repeat=3, cache_dir=str(tmp_path / "fresh" / "alignment")
     )
     assert second["cached"] is True and second["round_to"] == first["round_to"]
     with pytest.raises(ValueError, match="runtime must be one of"):
@@ -102,3 +102,27 @@ def test_pipeline_resolves_auto_on_the_latency_runtime_and_keeps_the_measurement
     # hosts could measure differently: refused under multiworker
     with pytest.raises(ValueError, match="pass an integer under --strategy=multiworker"):
         workflow._resolve_round_to(_ctx(strategy="multiworker"))
+
+
+def test_auto_falls_back_to_a_finer_alignment_when_the_budget_needs_it(monkeypatch, capsys):
+    """resnet8 (16/32/64 channels) cannot lose half its MACs in steps of 16; auto then uses 8."""
+    from tfkdp import make_plan, models
+    from tfkdp.methods import Budget
+    from tfkdp.pipelines import validate
+
+    model = models.get("resnet8", input_shape=(12, 12, 1), num_classes=3)
+    budget = Budget.macs(0.5)
+    ctx = _ctx()
+    ctx.flags["round_to"] = 16
+    ctx.alignment = {"round_to": 16}
+    with pytest.raises(ValueError, match="unreachable"):
+        make_plan(model, target_macs_reduction=0.5, round_to=16)
+    plan = validate.check_budget_with_alignment(ctx, model, budget)
+    assert ctx.flags["round_to"] == 8 and ctx.alignment["fallback"] == {"measured": 16, "used": 8}
+    assert all(len(keep) % 8 == 0 for keep in plan.values())
+    assert "using multiples of 8" in capsys.readouterr().out
+    # An integer --round_to is the user's: no fallback, the error stands.
+    ctx = _ctx(round_to=16)
+    ctx.alignment = None
+    with pytest.raises(ValueError, match="--round_to=16"):
+        validate.check_budget_with_alignment(ctx, model, budget)

@@ -188,6 +188,7 @@ def measure_alignment(runtime="litert", threads=1, counts=None, repeat=60, toler
     if path is not None:
         from tfkdp.export._atomic import write_json_atomic
 
+        os.makedirs(os.path.dirname(path), exist_ok=True)  # a fresh machine has no cache folder yet
         write_json_atomic(path, dict(result, cached=None))
     return result
 
