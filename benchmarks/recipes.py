@@ -205,6 +205,31 @@ def table(results):
     return common.markdown_table(rows, list(rows[0])) if rows else ""
 
 
+def pareto(results):
+    """`recipes_pareto.png`: test accuracy vs MACs of every row (error bars: the seeds' spread)."""
+    from tfkdp.pipelines import comparison
+
+    summary, kdp_table = summarise(results), _load(KDP_TABLE)
+    merged = {n: kdp_table[n] for n in ("prune_only", "kd_only", "kdp")
+              if n in kdp_table and n not in summary}  # fmt: skip
+    merged.update(summary)
+    rows = []
+    for name, r in merged.items():
+        accs = r["test_accuracy_per_seed"]
+        rows.append({
+            "method": name, "status": "ok", "runs_ok": len(accs), "macs": r["macs"],
+            "test_accuracy": statistics.fmean(accs),
+            "test_accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+        })  # fmt: skip
+    teacher = results.get("teacher") or kdp_table.get("teacher") or {}
+    plot = {"rows": rows, "best": None,
+            "teacher": {"accuracy": teacher.get("test_accuracy"), "macs": teacher.get("macs")}}  # fmt: skip
+    comparison.pareto_plot(plot, "macs", "MACs (millions, batch 1)",
+                           "recipes on the KDP protocol (error bars: seeds)",
+                           os.path.join(common.RESULTS_DIR, "recipes_pareto.png"),
+                           teacher.get("macs"), 1e-6)  # fmt: skip
+
+
 def main():
     args = _parse()
     command = " ".join(["flock /tmp/tfkdp-bench.lock .venv/bin/python -m benchmarks.recipes",
@@ -246,6 +271,7 @@ def main():
                 f"{table(results)}\n"
             )
             common.write_text(TABLE, text)
+            pareto(results)
             print(text, flush=True)
 
 

@@ -230,7 +230,12 @@ def markdown(comparison):
     return "\n".join(lines)
 
 
-def _pareto(comparison, x_key, x_label, title, path, teacher_x, scale=1.0):
+def pareto_plot(comparison, x_key, x_label, title, path, teacher_x, scale=1.0):
+    """Accuracy against `x_key` for every ok row (seeds' spread as error bars), the teacher a star.
+
+    `comparison` is `build`'s dict (or one with the same `rows` and `teacher`
+    fields); the best row is drawn as a diamond. Writes a PNG to `path`.
+    """
     figure = report_lib._figure()
     axis = figure.add_subplot()
     teacher = comparison["teacher"]
@@ -258,9 +263,9 @@ def _pareto(comparison, x_key, x_label, title, path, teacher_x, scale=1.0):
 
 def write(comparison, out_dir):
     """Writes comparison.json, comparison.md and the two Pareto plots; returns the Markdown."""
-    _pareto(comparison, "macs", "MACs (millions, batch 1)", "accuracy vs MACs (error bars: seeds)",
+    pareto_plot(comparison, "macs", "MACs (millions, batch 1)", "accuracy vs MACs (error bars: seeds)",
             os.path.join(out_dir, "pareto_macs.png"), comparison["teacher"].get("macs"), 1e-6)  # fmt: skip
-    _pareto(comparison, "litert_p50_ms",
+    pareto_plot(comparison, "litert_p50_ms",
             f"LiteRT p50 latency (ms, {comparison['setup']['deploy_format']}, batch 1)",
             "accuracy vs measured latency (error bars: seeds)",
             os.path.join(out_dir, "pareto_latency.png"), comparison["teacher"].get("litert_p50_ms"))  # fmt: skip
