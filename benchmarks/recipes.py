@@ -258,6 +258,13 @@ def main():
             row = run_one(name, teacher, args, seed)
             print(f"seed {seed} ({name}): acc {row['test_accuracy']:.4f}, MAC reduction "
                   f"{row['macs_reduction']:.3f}, {row['train_seconds']:.0f} s", flush=True)  # fmt: skip
+            # Merge into the file as it is now: another run may have written rows meanwhile.
+            fresh = _load(RESULTS)
+            fresh.setdefault("runs", {})
+            for key in ("teacher", "setup"):
+                fresh[key] = results[key]
+            fresh["commands"] = list(dict.fromkeys([*fresh.get("commands", []), *results["commands"]]))
+            results = fresh
             results["runs"].setdefault(row_key(name, args.target), {})[str(seed)] = row
             results["summary"] = summarise(results)
             common.write_json(RESULTS, results)
