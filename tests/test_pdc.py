@@ -262,3 +262,28 @@ def test_epsilon_auto_and_its_errors():
     # More steps or a higher learning rate need a weaker pull.
     assert auto_epsilon(2000, 0.05) < auto_epsilon(200, 0.05)
     assert auto_epsilon(200, 0.1) == pytest.approx(auto_epsilon(200, 0.05) / 2, rel=1e-5)
+
+
+def test_auto_pulls_distinct_batch_norms_together_too(tiny_images):
+    """A trained model's γ/β differ per channel: under `auto` they close with the kernels."""
+    from tfkdp.pruning.clustering import intra_cluster_distance
+
+    teacher, train, _ = _setup(tiny_images)
+    rng = np.random.default_rng(0)
+    for layer in teacher.layers:
+        if isinstance(layer, layers.BatchNormalization):
+            layer.gamma.assign(rng.uniform(0.5, 1.5, layer.gamma.shape).astype("float32"))
+            layer.beta.assign(rng.normal(0.0, 0.2, layer.beta.shape).astype("float32"))
+    training = Training(learning_rate=0.05, recalibrate_bn=2, jit_compile=False)
+    left = {}
+    for bn_factor in (None, 0.1):
+        student = keras.models.clone_model(teacher)
+        student.set_weights(teacher.get_weights())
+        method = methods.get("pdc", admm_epochs=2, training=training, bn_factor=bn_factor)
+        assert method.bn_factor == (1.0 if bn_factor is None else 0.1)
+        pruned = method.prune(teacher, student, train, None, Budget.macs(0.5))
+        curve = pruned.record["pdc_distance"]
+        left[bn_factor] = intra_cluster_distance(pruned.model, pruned.record["clusters"]) / curve[0]
+    assert left[None] < 0.01, left  # closed: the hard average loses (almost) nothing
+    assert left[0.1] > 3 * left[None], left  # C-SGD's weaker BN pull leaves the γ/β spread
+    assert methods.get("pdc", epsilon=3e-3).bn_factor == 0.1  # C-SGD's setting with a number

@@ -27,7 +27,9 @@ gradient mean + ε pull, 0.1·ε for batch norm) and the merge. Ours: counts per
 group from our MAC-aware allocation, clustering on all coupled producers'
 slices, KD loss = the house soft-target KD, decoupled weight decay kept,
 batch-norm re-estimation after the hard average, and a constant ε sized to
-the phase (`epsilon="auto"`, the default; `auto_epsilon`): C-SGD's 3e-3 was
+the phase (`epsilon="auto"`, the default; `auto_epsilon`), with batch-norm
+γ/β pulled as hard as the kernels (`bn_factor=1.0` under `auto`, where
+C-SGD weakens it to 0.1): C-SGD's 3e-3 was
 meant for schedules of hundreds of epochs, and on our 4-epoch protocol it
 left the clusters at half their starting spread, so the hard average cost
 the resnet32 student 80 points (BENCHMARKS.md, "PDC").
@@ -148,7 +150,11 @@ class PDC(Recipe):
             clusters close to 1e-3 of their starting spread (`auto_epsilon`;
             C-SGD used 3e-3 over far longer schedules). The value used is
             `record["epsilon"]`.
-        bn_factor: ε multiplier for batch-norm γ/β (C-SGD: 0.1).
+        bn_factor: ε multiplier for batch-norm γ/β, or None (default): 1.0
+            with `epsilon="auto"` (γ/β must close within the phase too: at
+            C-SGD's 0.1 a trained model's distinct γ/β keep ~16× more spread,
+            which the hard average then removes), 0.1 (C-SGD's) with a
+            number.
         seed: k-means seed.
         **kwargs: the shared options (`admm_epochs` = centripetal KD epochs,
             >= 1; `finetune_epochs` must be 0; `criterion` is unused beyond
@@ -173,7 +179,7 @@ class PDC(Recipe):
     first_phase_minimum = 1
     no_finetune = "has no fine-tune phase (the merge is exact): put the epochs into admm_epochs"
 
-    def __init__(self, epsilon="auto", bn_factor=0.1, seed=0, **kwargs):
+    def __init__(self, epsilon="auto", bn_factor=None, seed=0, **kwargs):
         super().__init__(**kwargs)
         if isinstance(epsilon, str) and epsilon.strip().lower() == "auto":
             if self.training.optimizer != "sgd":
@@ -186,6 +192,8 @@ class PDC(Recipe):
                 except ValueError:
                     raise ValueError(f"epsilon must be 'auto' or a number > 0; received {epsilon!r}") from None
             self.epsilon = checks.check_number("epsilon", epsilon, 0, strict=True)
+        if bn_factor is None:
+            bn_factor = 1.0 if self.epsilon == "auto" else 0.1
         self.bn_factor = checks.check_number("bn_factor", bn_factor, 0)
         self.seed = checks.check_int("seed", seed, 0)
 
