@@ -57,6 +57,8 @@ VARIANTS = {
     "mskd_l1": ("mskd", {"criteria": ["l1"], "allocations": ["global"], "top_k": 1}),
     # PDC with C-SGD's constant ε = 3e-3 instead of epsilon="auto" (sized to the phase).
     "pdc_eps0.003": ("pdc", {"epsilon": 3e-3}),
+    # PDC with epsilon="auto" but C-SGD's weaker batch-norm pull (the default before session 7's fix).
+    "pdc_auto_bn0.1": ("pdc", {"bn_factor": 0.1}),
     # Cascade with 0, 1 and 2 teaching assistants.
     **{f"cascade_ta{k}": ("cascade", {"num_tas": k}) for k in (0, 1, 2)},
 }
