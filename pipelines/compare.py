@@ -19,6 +19,7 @@ rewritten after every run, and the best method's run is copied to
 """
 
 import copy
+import json
 import os
 import shutil
 import time
@@ -129,8 +130,6 @@ def check(values):
 
 
 def _load_state(path):
-    import json
-
     if not os.path.exists(path):
         return {"runs": {}}
     try:
@@ -142,7 +141,7 @@ def _load_state(path):
     return state
 
 
-def _wipe(output_dir, names, seeds):
+def _wipe(output_dir, names):
     """--restart: the teacher's stage, every method's folder and the comparison files."""
     for name in names:
         shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
@@ -201,7 +200,7 @@ def run(values, restart=False):
     several = len(seeds) > 1
     if restart:
         os.makedirs(output_dir, exist_ok=True)
-        _wipe(output_dir, names, seeds)
+        _wipe(output_dir, names)
     # The shared teacher: the pipeline's own teacher stage, run once with the first seed.
     teacher_flags = {k: v for k, v in values.items() if k not in ("output_dir", *COMPARE_FLAGS)}
     teacher_flags["seed"] = seeds[0]
@@ -260,8 +259,6 @@ def run(values, restart=False):
 
 def write_comparison(output_dir, values, names, seeds, teacher_summary, runner, state):
     """Reads the finished runs' reports, writes the comparison; returns `(markdown, best run key)`."""
-    import json
-
     runs, failures = [], []
     for key, entry in state["runs"].items():
         if entry["method"] not in names or entry["seed"] not in seeds:
@@ -305,8 +302,6 @@ def copy_best(output_dir, best_key, state):
     marker = os.path.join(target, "best.json")
     source = os.path.join(output_dir, best_key)
     if os.path.exists(marker):
-        import json
-
         with open(marker) as f:
             if json.load(f).get("run") == best_key:
                 return
