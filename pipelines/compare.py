@@ -129,18 +129,6 @@ def check(values):
     return names, seeds
 
 
-def _load_state(path):
-    if not os.path.exists(path):
-        return {"runs": {}}
-    try:
-        with open(path) as f:
-            state = json.load(f)
-    except (OSError, ValueError) as error:
-        raise ValueError(f"{path} is unreadable ({error}); rerun with --restart to start over") from error
-    state.setdefault("runs", {})
-    return state
-
-
 def _wipe(output_dir, names):
     """--restart: the teacher's stage, every method's folder and the comparison files."""
     for name in names:
@@ -191,7 +179,7 @@ def run(values, restart=False):
             teacher is trained).
     """
     from tfkdp.pipelines import workflow
-    from tfkdp.pipelines.state import StageRunner
+    from tfkdp.pipelines.state import StageRunner, read_state
 
     names, seeds = check(values)
     values = dict(values)
@@ -218,9 +206,10 @@ def run(values, restart=False):
           f"{teacher_path}", flush=True)  # fmt: skip
 
     state_path = os.path.join(output_dir, STATE_FILE)
-    state = _load_state(state_path)
+    state = read_state(state_path, runs={})
     total = len(names) * len(seeds)
     index = 0
+    written = None
     for name in names:
         for seed in seeds:
             index += 1
@@ -249,8 +238,10 @@ def run(values, restart=False):
                 keras.backend.clear_session()  # the next method starts from its files, not this graph
             state["runs"][key] = entry
             write_json_atomic(state_path, state)
-            write_comparison(output_dir, values, names, seeds, teacher_summary, runner, state)
-    markdown, best = write_comparison(output_dir, values, names, seeds, teacher_summary, runner, state)
+            written = write_comparison(output_dir, values, names, seeds, teacher_summary, runner, state)
+    if written is None:  # every run finished earlier: nothing in the loop wrote the comparison
+        written = write_comparison(output_dir, values, names, seeds, teacher_summary, runner, state)
+    markdown, best = written
     copy_best(output_dir, best, state)
     failed = [k for k, e in state["runs"].items()
               if e["status"] != "ok" and e["method"] in names and e["seed"] in seeds]  # fmt: skip

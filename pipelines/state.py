@@ -18,6 +18,24 @@ from tfkdp.export._atomic import write_json_atomic
 STATE_FILE = "state.json"
 
 
+def read_state(path, **defaults):
+    """The JSON state at `path` with `defaults` set where missing (just `defaults` if absent).
+
+    Raises:
+        ValueError: naming the file when it exists but cannot be read or parsed.
+    """
+    state = {}
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                state = json.load(f)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{path} is unreadable ({error}); rerun with --restart to start over") from error
+    for key, value in defaults.items():
+        state.setdefault(key, value)
+    return state
+
+
 class FlagMismatchError(ValueError):
     """Stored flags differ from the new ones in a way that invalidates finished stages."""
 
@@ -82,18 +100,7 @@ class StageRunner:
                 shutil.rmtree(os.path.join(self.output_dir, name), ignore_errors=True)
 
     def _load(self):
-        if not os.path.exists(self.state_path):
-            return {"completed": {}, "flags": {}}
-        try:
-            with open(self.state_path) as f:
-                state = json.load(f)
-        except (OSError, json.JSONDecodeError) as error:
-            raise ValueError(
-                f"{self.state_path} is unreadable ({error}); rerun with --restart to start over"
-            ) from error
-        state.setdefault("completed", {})
-        state.setdefault("flags", {})
-        return state
+        return read_state(self.state_path, completed={}, flags={})
 
     def _check_flags(self):
         old = self.state["flags"]
