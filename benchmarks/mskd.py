@@ -23,7 +23,9 @@ every candidate (the selection's short-KD steps included).
    short-KD) would have picked, and its regret against the best.
 
 Results are written after every candidate (atomic), so a long run stopped
-early keeps what it finished:
+early keeps what it finished, and the same command run again resumes: it
+reuses the recorded selection and trains only the candidates without a
+test accuracy (`--restart` starts over):
 
     flock /tmp/tfkdp-bench.lock .venv/bin/python -m benchmarks.mskd
 
@@ -37,6 +39,7 @@ Writes benchmarks/results/<name>.json and <name>.md.
 """
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -70,6 +73,8 @@ def _parse():
     parser.add_argument("--round-to", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default="mskd", help="results file stem under benchmarks/results")
+    parser.add_argument("--restart", action="store_true",
+                        help="ignore a previous run's results of the same name and setup")
     return parser.parse_args()
 
 
@@ -86,6 +91,31 @@ def _options(args, **overrides):
     )  # fmt: skip
     options.update(overrides)
     return options
+
+
+_SELECTION_KEYS = ("select_steps", "bn_batches", "val_source", "selection_seconds")
+
+
+def _resume_key(args):
+    """The options a recorded run must share to be resumed."""
+    return {k: getattr(args, k) for k in (
+        "target", "teacher_name", "teacher_width", "teacher_epochs", "epochs", "criteria",
+        "allocations", "select_steps", "train_subset", "batch_size", "learning_rate", "round_to",
+        "seed",
+    )}  # fmt: skip
+
+
+def _previous(args):
+    """`(selection, rows, wall seconds)` of an earlier run of the same setup under `--name`, else None."""
+    path = os.path.join(common.RESULTS_DIR, args.name + ".json")
+    if args.restart or not os.path.exists(path):
+        return None
+    with open(path) as f:
+        results = json.load(f)
+    if results.get("resume_key") != _resume_key(args) or "selection" not in results:
+        print(f"{path} holds another setup: starting over", flush=True)
+        return None
+    return results["selection"], results["candidates"], results["setup"]["wall_seconds"]
 
 
 def _tau(rows, key):
@@ -134,7 +164,9 @@ def _report(args, teacher_info, selection, rows, wall):
         "candidates_finished": len(done), "candidates": len(rows),
         "wall_seconds": round(time.time() - wall, 1),
     }  # fmt: skip
-    results = {"candidates": rows, "kendall_tau": taus, "summary": summary, "setup": setup}
+    results = {"candidates": rows, "kendall_tau": taus, "summary": summary, "setup": setup,
+               "selection": {k: selection[k] for k in _SELECTION_KEYS},
+               "resume_key": _resume_key(args)}  # fmt: skip
     table_rows = [{
         "candidate": r["id"], "MACs (M)": round(r["macs"] / 1e6, 3),
         "zero-shot val acc": round(100 * r["zero_shot_acc"], 2),
@@ -183,28 +215,39 @@ def main():
     )
     budget = methods.Budget.macs(args.target)
 
-    # 1. Both rungs on every candidate: top_k = the number of candidates.
-    n = len(args.criteria) * len(args.allocations)
-    train, _ = common.datasets(args.batch_size, args.seed, args.train_subset or None)
-    selector = methods.get("mskd", **_options(args, top_k=n))
-    keras.utils.set_random_seed(args.seed)
-    selection = selector.select(teacher, copy_model(teacher), train, None, budget)["record"]
-    rows = []
-    for c in selection["candidates"]:
-        if c["duplicate_of"]:
-            continue
-        rows.append({
-            "id": c["id"], "macs": c["macs"], "params": c["params"],
-            "zero_shot_acc": c["zero_shot"]["val_accuracy"], "zero_shot_kd": c["zero_shot"]["val_kd_loss"],
-            "zero_shot_neg_kd": -c["zero_shot"]["val_kd_loss"],
-            "short_kd_acc": c["short_kd"]["val_accuracy"], "short_kd_kd": c["short_kd"]["val_kd_loss"],
-            "short_kd_neg_kd": -c["short_kd"]["val_kd_loss"],
-        })  # fmt: skip
-    keras.backend.clear_session()
-    _report(args, teacher_info, selection, rows, wall)
+    previous = _previous(args)
+    if previous is not None:
+        selection, rows, earlier = previous
+        wall -= earlier  # the wall time counts every process of the run
+        left = [r["id"] for r in rows if r.get("test_accuracy") is None]
+        print(f"resuming {args.name}: the recorded selection; candidates left to train: {left}",
+              flush=True)  # fmt: skip
+    else:
+        # 1. Both rungs on every candidate: top_k = the number of candidates.
+        n = len(args.criteria) * len(args.allocations)
+        train, _ = common.datasets(args.batch_size, args.seed, args.train_subset or None)
+        selector = methods.get("mskd", **_options(args, top_k=n))
+        keras.utils.set_random_seed(args.seed)
+        selection = selector.select(teacher, copy_model(teacher), train, None, budget)["record"]
+        rows = []
+        for c in selection["candidates"]:
+            if c["duplicate_of"]:
+                continue
+            rows.append({
+                "id": c["id"], "macs": c["macs"], "params": c["params"],
+                "zero_shot_acc": c["zero_shot"]["val_accuracy"],
+                "zero_shot_kd": c["zero_shot"]["val_kd_loss"],
+                "zero_shot_neg_kd": -c["zero_shot"]["val_kd_loss"],
+                "short_kd_acc": c["short_kd"]["val_accuracy"], "short_kd_kd": c["short_kd"]["val_kd_loss"],
+                "short_kd_neg_kd": -c["short_kd"]["val_kd_loss"],
+            })  # fmt: skip
+        keras.backend.clear_session()
+        _report(args, teacher_info, selection, rows, wall)
 
     # 2. Every distinct candidate trained to the end, alone, under the same step budget.
     for row in rows:
+        if row.get("test_accuracy") is not None:
+            continue
         criterion, allocation = row["id"].split("/")
         keras.utils.set_random_seed(args.seed)
         train, _ = common.datasets(args.batch_size, args.seed, args.train_subset or None)
