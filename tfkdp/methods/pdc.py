@@ -56,6 +56,8 @@ __all__ = ["PDC"]
 _STATE_FILE = "pdc_state.json"
 #: `epsilon="auto"`: the share of each member's starting distance to its cluster mean left at the end.
 AUTO_RESIDUAL = 1e-3
+#: Batches on which `PDC.finetune` measures the accuracies around the merge.
+DIAGNOSTIC_BATCHES = 50
 
 
 def auto_epsilon(total_steps, learning_rate, optimizer="sgd", warmup_fraction=0.05,
@@ -285,10 +287,11 @@ class PDC(Recipe):
     def finetune(self, teacher, pruned, train_data, val_data):
         """Hard-averages each cluster and re-estimates batch norms (no training).
 
-        Records the accuracy (on `val_data`, else `train_data`) after the
-        centripetal phase, after the hard average, and just before and
-        after the merge (`record["accuracy"]`) and the merged model's
-        largest difference from the hard-averaged one.
+        Records the accuracy (on the first `DIAGNOSTIC_BATCHES` batches of
+        `val_data`, else of `train_data`) after the centripetal phase, after
+        the hard average, and just before and after the merge
+        (`record["accuracy"]`), and the merged model's largest difference
+        from the hard-averaged one.
         """
         from tfkdp.pruning.surgery import hard_average, merge_channels
 
@@ -302,6 +305,7 @@ class PDC(Recipe):
         accuracy["before_merge"] = _accuracy(averaged, data)
         accuracy["after_merge"] = _accuracy(merged, data)
         accuracy["data"] = "val" if val_data is not None else "train"
+        accuracy["batches"] = min(DIAGNOSTIC_BATCHES, _count(data))
         pruned.record["accuracy"] = accuracy
         pruned.record["merge_max_abs_diff"] = _max_diff(averaged, merged, data)
         return Pruned(averaged, pruned.plan, pruned.history, pruned.record)
@@ -358,10 +362,20 @@ def _batches(data, limit=None):
         yield batch[0], batch[1]
 
 
-def _accuracy(model, data):
-    """Top-1 accuracy of a logits model over a batched dataset of `(x, y)`."""
+def _count(data):
+    cardinality = int(data.cardinality())
+    return cardinality if cardinality >= 0 else DIAGNOSTIC_BATCHES
+
+
+def _accuracy(model, data, limit=None):
+    """Top-1 accuracy of a logits model over the first `limit` batches of a dataset of `(x, y)`.
+
+    `limit` defaults to `DIAGNOSTIC_BATCHES`: these accuracies are a
+    diagnosis of the merge, and four passes over a 60 k training set would
+    cost as much as an epoch of training.
+    """
     correct = total = 0
-    for x, y in _batches(data):
+    for x, y in _batches(data, DIAGNOSTIC_BATCHES if limit is None else limit):
         logits = np.asarray(model(x, training=False))
         correct += int(np.sum(np.argmax(logits, axis=-1) == np.asarray(y).reshape(-1)))
         total += int(np.asarray(y).size)
