@@ -297,15 +297,16 @@ class PDC(Recipe):
 
         clusters = pruned.record["clusters"]
         data = val_data if val_data is not None else train_data
-        accuracy = {"after_centripetal": _accuracy(pruned.model, data)}
+        accuracy = {}
+        accuracy["after_centripetal"], batches = _accuracy(pruned.model, data)
         averaged = hard_average(pruned.model, clusters)
-        accuracy["after_hard_average"] = _accuracy(averaged, data)
+        accuracy["after_hard_average"], _ = _accuracy(averaged, data)
         phases.recalibrate(averaged, train_data, self.training)
         merged = merge_channels(averaged, clusters)
-        accuracy["before_merge"] = _accuracy(averaged, data)
-        accuracy["after_merge"] = _accuracy(merged, data)
+        accuracy["before_merge"], _ = _accuracy(averaged, data)
+        accuracy["after_merge"], _ = _accuracy(merged, data)
         accuracy["data"] = "val" if val_data is not None else "train"
-        accuracy["batches"] = min(DIAGNOSTIC_BATCHES, _count(data))
+        accuracy["batches"] = batches
         pruned.record["accuracy"] = accuracy
         pruned.record["merge_max_abs_diff"] = _max_diff(averaged, merged, data)
         return Pruned(averaged, pruned.plan, pruned.history, pruned.record)
@@ -346,8 +347,10 @@ class PDC(Recipe):
         accuracy = record.get("accuracy") or {}
         if accuracy:
             lines += [
-                "", f"| accuracy ({accuracy.get('data', '')}) | value |", "|---|---|",
-                *(f"| {k.replace('_', ' ')} | {v:.4f} |" for k, v in accuracy.items() if k != "data"),
+                "", f"| accuracy ({accuracy.get('data', '')}, first {accuracy.get('batches')} batches) "
+                "| value |", "|---|---|",
+                *(f"| {k.replace('_', ' ')} | {v:.4f} |" for k, v in accuracy.items()
+                  if k not in ("data", "batches")),
             ]  # fmt: skip
         if "merge_max_abs_diff" in record:
             lines.append(f"\nMerged vs hard-averaged model: max |Δ logit| = "
@@ -362,24 +365,20 @@ def _batches(data, limit=None):
         yield batch[0], batch[1]
 
 
-def _count(data):
-    cardinality = int(data.cardinality())
-    return cardinality if cardinality >= 0 else DIAGNOSTIC_BATCHES
+def _accuracy(model, data):
+    """`(top-1 accuracy, batches read)` of a logits model over the first `DIAGNOSTIC_BATCHES` batches.
 
-
-def _accuracy(model, data, limit=None):
-    """Top-1 accuracy of a logits model over the first `limit` batches of a dataset of `(x, y)`.
-
-    `limit` defaults to `DIAGNOSTIC_BATCHES`: these accuracies are a
-    diagnosis of the merge, and four passes over a 60 k training set would
-    cost as much as an epoch of training.
+    Only the first batches: these accuracies are a diagnosis of the merge,
+    and four passes over a 60 k training set would cost as much as an epoch
+    of training.
     """
-    correct = total = 0
-    for x, y in _batches(data, DIAGNOSTIC_BATCHES if limit is None else limit):
+    correct = total = batches = 0
+    for x, y in _batches(data, DIAGNOSTIC_BATCHES):
+        batches += 1
         logits = np.asarray(model(x, training=False))
         correct += int(np.sum(np.argmax(logits, axis=-1) == np.asarray(y).reshape(-1)))
         total += int(np.asarray(y).size)
-    return correct / max(1, total)
+    return correct / max(1, total), batches
 
 
 def _max_diff(a, b, data, batches=4):
