@@ -105,8 +105,12 @@ def _resume_key(args):
     )}  # fmt: skip
 
 
-def _previous(args):
-    """`(selection, rows, wall seconds)` of an earlier run of the same setup under `--name`, else None."""
+def _previous(args, teacher_info):
+    """`(selection, rows, wall seconds)` of an earlier run of the same setup under `--name`, else None.
+
+    The same setup means the same options and the same teacher: a teacher retrained
+    (same recipe, another machine: another test accuracy) proposes other candidates.
+    """
     path = os.path.join(common.RESULTS_DIR, args.name + ".json")
     if args.restart or not os.path.exists(path):
         return None
@@ -114,6 +118,11 @@ def _previous(args):
         results = json.load(f)
     if results.get("resume_key") != _resume_key(args) or "selection" not in results:
         print(f"{path} holds another setup: starting over", flush=True)
+        return None
+    recorded = results["setup"]["teacher"]["test_accuracy"]
+    if recorded != teacher_info["test_accuracy"]:
+        print(f"{path} was selected with another teacher (test accuracy {recorded} vs "
+              f"{teacher_info['test_accuracy']} now): starting over", flush=True)  # fmt: skip
         return None
     return results["selection"], results["candidates"], results["setup"]["wall_seconds"]
 
@@ -215,7 +224,7 @@ def main():
     )
     budget = methods.Budget.macs(args.target)
 
-    previous = _previous(args)
+    previous = _previous(args, teacher_info)
     if previous is not None:
         selection, rows, earlier = previous
         wall -= earlier  # the wall time counts every process of the run
