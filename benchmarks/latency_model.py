@@ -13,6 +13,7 @@ Untrained weights: latency does not depend on the values.
 """
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -37,6 +38,8 @@ def main():
     parser.add_argument("--plans", type=int, default=10, help="random plans measured against the fit")
     parser.add_argument("--repeat", type=int, default=100, help="timed calls per model")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--tiles", type=int, nargs="+", default=[1],
+                        help="LatencyModel tile values to fit and check on the same measured plans")
     args = parser.parse_args()
     command = " ".join(["flock /tmp/tfkdp-bench.lock .venv/bin/python -m benchmarks.latency_model",
                         *sys.argv[1:]])  # fmt: skip
@@ -52,26 +55,53 @@ def main():
         prunable = [g for g in lat.cost.groups if g.prunable]
         keeps = [{g.id: max(1, int(round(g.size * rng.uniform(0.2, 1.0)))) for g in prunable}
                  for _ in range(args.plans)]  # fmt: skip
-        check = lat.check(keeps)
-        results["models"][name] = {
-            "fit_seconds": round(fit_seconds, 1), "base_ms": lat.base_ms,
-            "coefficients": lat.coefficients, "fit_measurements": lat.measurements,
-            "check": check,
-        }  # fmt: skip
-        print(f"{name}: fit {fit_seconds:.0f} s, mean |error| {check['mean_abs_error']:.3f}, "
-              f"max {check['max_abs_error']:.3f}", flush=True)  # fmt: skip
+        measured = lat.measure(keeps)
+        recorded = {_key(m["keep"]): m["measured_ms"] for m in lat.measurements}
+        per_tile = {}
+        for tile in args.tiles:
+            # The same timings, refitted with this tile's features: no second measurement.
+            fit = _Replay(recorded, model, runtime=args.runtime, threads=args.threads,
+                          repeat=args.repeat, cache_dir=False, tile=tile)  # fmt: skip
+            rows = [{"measured_ms": m, "predicted_ms": fit.predict(k),
+                     "error": (fit.predict(k) - m) / m} for k, m in zip(keeps, measured, strict=True)]  # fmt: skip
+            errors = [abs(r["error"]) for r in rows]
+            per_tile[str(tile)] = {
+                "base_ms": fit.base_ms, "coefficients": fit.coefficients,
+                "fit_measurements": fit.measurements,
+                "check": {"rows": rows, "mean_abs_error": float(np.mean(errors)),
+                          "max_abs_error": float(np.max(errors))},
+            }  # fmt: skip
+            print(f"{name} tile {tile}: mean |error| {np.mean(errors):.3f}, max {np.max(errors):.3f}",
+                  flush=True)  # fmt: skip
+        results["models"][name] = {"fit_seconds": round(fit_seconds, 1), "tiles": per_tile}
         common.write_json(RESULTS, results)
-        rows = [{"model": n, "fit s": r["fit_seconds"], "full model ms (predicted)": round(r["base_ms"], 3),
-                 "mean abs error": round(r["check"]["mean_abs_error"], 3),
-                 "max abs error": round(r["check"]["max_abs_error"], 3)}
-                for n, r in results["models"].items()]  # fmt: skip
+        rows = [{"model": n, "tile": t, "fit s": r["fit_seconds"],
+                 "full model ms (predicted)": round(f["base_ms"], 3),
+                 "mean abs error": round(f["check"]["mean_abs_error"], 3),
+                 "max abs error": round(f["check"]["max_abs_error"], 3)}
+                for n, r in results["models"].items() for t, f in r["tiles"].items()]  # fmt: skip
         text = (f"## Latency cost model: predicted vs measured\n\nCommand: `{command}`. "
                 f"{args.runtime}, {args.threads} thread(s), batch 1, {args.plans} random plans per "
-                f"model, p50 of {args.repeat} interleaved calls. CPU: {results['cpu']}.\n\n"
+                f"model (seed {args.seed}), p50 of {args.repeat} interleaved calls; each `tile` is "
+                f"fitted to the same calibration timings. CPU: {results['cpu']}.\n\n"
                 + common.markdown_table(rows, list(rows[0])) + "\n")  # fmt: skip
         common.write_text(TABLE, text)
         print(text, flush=True)
 
+
+def _key(keep):
+    return json.dumps(sorted(keep.items()))
+
+
+class _Replay(LatencyModel):
+    """A `LatencyModel` fitted to timings already measured (keyed by plan)."""
+
+    def __init__(self, recorded, *args, **kwargs):
+        self._recorded = recorded
+        super().__init__(*args, **kwargs)
+
+    def measure(self, keeps):
+        return [self._recorded[_key({k: int(v) for k, v in keep.items()})] for keep in keeps]
 
 if __name__ == "__main__":
     main()

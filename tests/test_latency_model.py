@@ -59,6 +59,39 @@ def test_the_fit_recovers_a_linear_runtime_and_is_monotone(fake_runtime, tmp_pat
         previous = value
 
 
+def test_a_tiled_runtime_is_fitted_exactly_with_its_tile_and_not_with_exact_macs(monkeypatch, tmp_path):
+    # A runtime that computes output channels in tiles of 4: 5 channels cost what 8 do.
+    def measure(self, keeps):
+        out = []
+        for keep in keeps:
+            macs = self.cost.term_macs(self._pruned(keep), out_tile=4)
+            kinds = [layer_kind(layer) for layer in self.cost.term_layers]
+            per = {"Conv2D kxk": 3e-6, "Conv2D 1x1": 1e-6}
+            out.append(0.02 + sum(m * per.get(k, 0.0) for m, k in zip(macs, kinds, strict=True)))
+        return out
+
+    monkeypatch.setattr(LatencyModel, "measure", measure)
+    exact = LatencyModel(_net(), cache_dir=str(tmp_path), random_plans=8)
+    tiled = LatencyModel(_net(), cache_dir=str(tmp_path), random_plans=8, tile=4)
+    assert not tiled.from_cache  # the tile is part of the cache key
+    assert tiled.coefficients["Conv2D kxk"] == pytest.approx(3e-6, rel=1e-3)
+    plans = [{"c1": 5, "c2": 9}, {"c1": 3, "c2": 13}, {"c1": 7, "c2": 6}]
+    truth = measure(tiled, plans)
+    for plan, t in zip(plans, truth, strict=True):
+        assert tiled.predict(plan) == pytest.approx(t, rel=1e-4)
+    assert max(abs(exact.predict(p) - t) / t for p, t in zip(plans, truth, strict=True)) > 0.01
+    # c1 keeping 5 of 8 channels: its own MACs are counted as all 8 under tile 4 (c2's input
+    # side, not an output axis, shrinks either way).
+    cost = tiled.cost
+    c1 = [i for i, layer in enumerate(cost.term_layers) if layer.name == "c1"]
+    assert len(c1) == 1
+    pruned = cost._pruned({"c1": 5})
+    assert cost.term_macs(pruned, out_tile=4)[c1[0]] == cost.term_macs(pruned * 0)[c1[0]]
+    assert cost.term_macs(pruned)[c1[0]] == pytest.approx(5 / 8 * cost.term_macs(pruned * 0)[c1[0]])
+    with pytest.raises(ValueError, match="tile"):
+        LatencyModel(_net(), cache_dir=False, tile=0)
+
+
 def test_the_cache_is_keyed_by_structure_and_reused_without_timing(fake_runtime, tmp_path):
     first = LatencyModel(_net(), cache_dir=str(tmp_path))
     renamed = keras.models.clone_model(_net())

@@ -84,8 +84,14 @@ class CostModel:
     def macs_for_pruned(self, pruned):
         return float(np.sum(self.term_macs(pruned)))
 
-    def term_macs(self, pruned):
-        """MACs of every MAC term (`term_layers` order) for `pruned` channels per group."""
+    def term_macs(self, pruned, out_tile=1):
+        """MACs of every MAC term (`term_layers` order) for `pruned` channels per group.
+
+        With `out_tile > 1` a pruned count on a kernel's last axis (its output
+        channels) is rounded up to a multiple of `out_tile`, capped at the full
+        count: the MACs a runtime that computes output channels in tiles of
+        `out_tile` actually does.
+        """
         out = np.empty(len(self._mac_terms), dtype=np.float64)
         for i, (macs, kernels) in enumerate(self._mac_terms):
             factor = 1.0
@@ -93,8 +99,11 @@ class CostModel:
                 if key not in self._weights:
                     continue
                 shape, dims = self._kept_dims(key, pruned)
-                for full, kept in zip(shape, dims, strict=True):
+                last = len(shape) - 1
+                for axis, (full, kept) in enumerate(zip(shape, dims, strict=True)):
                     if full != kept:
+                        if out_tile > 1 and axis == last:
+                            kept = min(full, -(-kept // out_tile) * out_tile)
                         factor *= kept / full
             out[i] = macs * factor
         return out

@@ -11,7 +11,11 @@ width, and fits
 
 by non-negative least squares, where `kind` is the layer kind of each MAC
 term (`Conv2D 1x1`, `Conv2D kxk`, `DepthwiseConv2D`, `Dense`, …) and
-`MACs_kind(plan)` is exact (`CostModel`). The fit is cached on disk, keyed by
+`MACs_kind(plan)` is exact (`CostModel`), or, with `tile=t > 1`, counted with
+every pruned output-channel count rounded up to a multiple of `t` (capped at
+the layer's full width): XNNPACK computes output channels in tiles (16 on the
+AMD EPYC of BENCHMARKS.md, "Channel alignment"), so 37 channels cost what 48
+do. The fit is cached on disk, keyed by
 the model's structure, the runtime and its version, and the thread count; a
 second model with the same structure reuses it without timing anything.
 
@@ -41,7 +45,7 @@ __all__ = ["LatencyModel", "RUNTIMES", "default_cache_dir", "layer_kind"]
 
 #: runtime name -> export format whose artifact it runs.
 RUNTIMES = {"litert": "tflite", "onnxruntime": "onnx"}
-_VERSION = 1  # bump when the fit changes: old cache entries are then ignored
+_VERSION = 2  # bump when the fit changes: old cache entries are then ignored
 
 
 def cache_root():
@@ -84,9 +88,9 @@ def _structure(model):
     return calls
 
 
-def _structure_key(model, runtime, threads, version):
+def _structure_key(model, runtime, threads, version, tile=1):
     structure = _structure(model)  # names differ between copies of one architecture: not in the key
-    payload = json.dumps([structure, runtime, version, int(threads), _VERSION], sort_keys=True,
+    payload = json.dumps([structure, runtime, version, int(threads), int(tile), _VERSION], sort_keys=True,
                          default=str)  # fmt: skip
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
@@ -116,6 +120,11 @@ class LatencyModel:
             per group (seeded).
         repeat: timed calls per calibration model (split in interleaved blocks).
         seed: seed of the random plans and the visiting order.
+        tile: output channels per kernel tile of the runtime (>= 1): the
+            features count each pruned output-channel count rounded up to a
+            multiple of `tile` (capped at the full width); 1 counts exact MACs.
+            `tfkdp.pruning.alignment.measure_alignment(runtime, threads)["round_to"]`
+            measures it.
         cache_dir: where fits are cached (`default_cache_dir()`); `None`
             uses the default, `False` disables the cache.
 
@@ -137,7 +146,7 @@ class LatencyModel:
     """
 
     def __init__(self, model, runtime="litert", threads=1, groups=None, widths=(0.25, 0.5, 0.75),
-                 random_plans=4, repeat=60, seed=0, cache_dir=None):  # fmt: skip
+                 random_plans=4, repeat=60, seed=0, cache_dir=None, tile=1):  # fmt: skip
         from tfkdp.pruning.cost import CostModel
 
         checks.check_choice("latency runtime", runtime, tuple(RUNTIMES))
@@ -147,6 +156,7 @@ class LatencyModel:
         self.random_plans = checks.check_int("random_plans", random_plans, 0)
         self.widths = tuple(checks.check_fraction("width", w) for w in widths)
         self.seed = checks.check_int("seed", seed, 0)
+        self.tile = checks.check_int("tile", tile, 1)
         self.model = model
         self.cost = CostModel(model, groups)
         self.kinds = sorted({layer_kind(layer) for layer in self.cost.term_layers})
@@ -155,7 +165,7 @@ class LatencyModel:
         self.from_cache = False
         self.build_seconds = 0.0
         self.version = _runtime_version(runtime)
-        key = _structure_key(model, runtime, self.threads, self.version)
+        key = _structure_key(model, runtime, self.threads, self.version, self.tile)
         if cache_dir is None:
             cache_dir = default_cache_dir()
         self._cache_path = (os.path.join(cache_dir, f"{key}.json") if cache_dir is not False
@@ -172,7 +182,7 @@ class LatencyModel:
 
     # -- features and prediction -----------------------------------------------
     def _features(self, pruned):
-        macs = self.cost.term_macs(pruned)
+        macs = self.cost.term_macs(pruned, out_tile=self.tile)
         by_kind = np.bincount(self._kind_index, weights=macs, minlength=len(self.kinds))
         return np.concatenate([[1.0], by_kind])
 
@@ -290,7 +300,7 @@ class LatencyModel:
         os.makedirs(os.path.dirname(self._cache_path), exist_ok=True)
         payload = {
             "runtime": self.runtime, "version": self.version, "threads": self.threads,
-            "kinds": self.kinds, "coefficients": self.coefficients,
+            "kinds": self.kinds, "tile": self.tile, "coefficients": self.coefficients,
             "measurements": self.measurements, "build_seconds": self.build_seconds,
         }  # fmt: skip
         from tfkdp.export._atomic import write_json_atomic
@@ -301,7 +311,7 @@ class LatencyModel:
         """The fit, for reports."""
         return {
             "runtime": self.runtime, "threads": self.threads, "version": self.version,
-            "coefficients": self.coefficients, "measurements": self.measurements,
+            "tile": self.tile, "coefficients": self.coefficients, "measurements": self.measurements,
             "from_cache": self.from_cache, "build_seconds": self.build_seconds,
         }  # fmt: skip
 
