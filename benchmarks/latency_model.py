@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from tfkdp import models  # noqa: E402
-from tfkdp.pruning.latency_model import LatencyModel  # noqa: E402
+from tfkdp.pruning.latency_model import LatencyModel, _counts  # noqa: E402
 
 RESULTS = os.path.join(common.RESULTS_DIR, "latency_model.json")
 TABLE = os.path.join(common.RESULTS_DIR, "latency_model.md")
@@ -62,17 +62,11 @@ def main():
             # The same timings, refitted with this tile's features: no second measurement.
             fit = _Replay(recorded, model, runtime=args.runtime, threads=args.threads,
                           repeat=args.repeat, cache_dir=False, tile=tile)  # fmt: skip
-            rows = [{"measured_ms": m, "predicted_ms": fit.predict(k),
-                     "error": (fit.predict(k) - m) / m} for k, m in zip(keeps, measured, strict=True)]  # fmt: skip
-            errors = [abs(r["error"]) for r in rows]
-            per_tile[str(tile)] = {
-                "base_ms": fit.base_ms, "coefficients": fit.coefficients,
-                "fit_measurements": fit.measurements,
-                "check": {"rows": rows, "mean_abs_error": float(np.mean(errors)),
-                          "max_abs_error": float(np.max(errors))},
-            }  # fmt: skip
-            print(f"{name} tile {tile}: mean |error| {np.mean(errors):.3f}, max {np.max(errors):.3f}",
-                  flush=True)  # fmt: skip
+            check = fit.compare(keeps, measured)
+            per_tile[str(tile)] = {"base_ms": fit.base_ms, "coefficients": fit.coefficients,
+                                   "fit_measurements": fit.measurements, "check": check}  # fmt: skip
+            print(f"{name} tile {tile}: mean |error| {check['mean_abs_error']:.3f}, "
+                  f"max {check['max_abs_error']:.3f}", flush=True)  # fmt: skip
         results["models"][name] = {"fit_seconds": round(fit_seconds, 1), "tiles": per_tile}
         common.write_json(RESULTS, results)
         rows = [{"model": n, "tile": t, "fit s": r["fit_seconds"],
@@ -90,7 +84,7 @@ def main():
 
 
 def _key(keep):
-    return json.dumps(sorted(keep.items()))
+    return json.dumps(sorted(_counts(keep).items()))
 
 
 class _Replay(LatencyModel):
@@ -101,7 +95,8 @@ class _Replay(LatencyModel):
         super().__init__(*args, **kwargs)
 
     def measure(self, keeps):
-        return [self._recorded[_key({k: int(v) for k, v in keep.items()})] for keep in keeps]
+        return [self._recorded[_key(keep)] for keep in keeps]
+
 
 if __name__ == "__main__":
     main()

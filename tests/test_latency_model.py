@@ -20,14 +20,17 @@ def _net():
     return keras.Model(inputs, layers.Dense(3, name="logits")(x), name="net")  # fmt: skip
 
 
-def _fake_measure(calls):
-    """A runtime whose latency is 0.02 ms + 3e-6 ms per kxk MAC + 1e-6 ms per 1x1 MAC."""
+def _fake_measure(calls, out_tile=1):
+    """A runtime whose latency is 0.02 ms + 3e-6 ms per kxk MAC + 1e-6 ms per 1x1 MAC.
+
+    With `out_tile > 1` it computes output channels in tiles of `out_tile`.
+    """
 
     def measure(self, keeps):
         calls.append(len(keeps))
         out = []
         for keep in keeps:
-            macs = self.cost.term_macs(self._pruned(keep))
+            macs = self.cost.term_macs(self._pruned(keep), out_tile=out_tile)
             kinds = [layer_kind(layer) for layer in self.cost.term_layers]
             per = {"Conv2D kxk": 3e-6, "Conv2D 1x1": 1e-6}
             out.append(0.02 + sum(m * per.get(k, 0.0) for m, k in zip(macs, kinds, strict=True)))
@@ -61,15 +64,7 @@ def test_the_fit_recovers_a_linear_runtime_and_is_monotone(fake_runtime, tmp_pat
 
 def test_a_tiled_runtime_is_fitted_exactly_with_its_tile_and_not_with_exact_macs(monkeypatch, tmp_path):
     # A runtime that computes output channels in tiles of 4: 5 channels cost what 8 do.
-    def measure(self, keeps):
-        out = []
-        for keep in keeps:
-            macs = self.cost.term_macs(self._pruned(keep), out_tile=4)
-            kinds = [layer_kind(layer) for layer in self.cost.term_layers]
-            per = {"Conv2D kxk": 3e-6, "Conv2D 1x1": 1e-6}
-            out.append(0.02 + sum(m * per.get(k, 0.0) for m, k in zip(macs, kinds, strict=True)))
-        return out
-
+    measure = _fake_measure([], out_tile=4)
     monkeypatch.setattr(LatencyModel, "measure", measure)
     exact = LatencyModel(_net(), cache_dir=str(tmp_path), random_plans=8)
     tiled = LatencyModel(_net(), cache_dir=str(tmp_path), random_plans=8, tile=4)
