@@ -41,8 +41,12 @@ def _fake_measure(calls, out_tile=1):
 
 @pytest.fixture
 def fake_runtime(monkeypatch):
+    from tfkdp.pruning import alignment
+
     calls = []
     monkeypatch.setattr(LatencyModel, "measure", _fake_measure(calls))
+    # Budgets fit with tile="auto": this fake runtime rewards no alignment.
+    monkeypatch.setattr(alignment, "measure_alignment", lambda runtime, threads, **kw: {"round_to": 1})
     return calls
 
 
@@ -125,6 +129,22 @@ def test_a_real_fit_on_litert_times_each_width_once(tmp_path):
                         cache_dir=str(tmp_path)).from_cache  # fmt: skip
 
 
+def test_a_budget_fits_its_latency_model_with_the_tile_the_runtime_rewards(monkeypatch, tmp_path):
+    from tfkdp.pruning import alignment
+
+    monkeypatch.setenv("TFKDP_CACHE", str(tmp_path))
+    seen = []
+    monkeypatch.setattr(LatencyModel, "measure", _fake_measure([], out_tile=4))
+    monkeypatch.setattr(alignment, "measure_alignment",
+                        lambda runtime, threads, **kw: seen.append((runtime, threads)) or {"round_to": 4})  # fmt: skip
+    lat = Budget.latency_ms(1.0, runtime="onnxruntime", threads=2).latency_model(_net())
+    assert lat.tile == 4 and seen == [("onnxruntime", 2)]
+    for row in lat.measurements:  # the runtime's tiles are the features': an exact fit
+        assert row["predicted_ms"] == pytest.approx(row["measured_ms"], rel=1e-6)
+    with pytest.raises(ValueError, match="tile"):
+        LatencyModel(_net(), tile="fastest", cache_dir=False)
+
+
 def test_budget_kinds_round_trip_and_reject_bad_values():
     budget = Budget.latency_ms(2.5, runtime="onnxruntime", threads=2)
     assert Budget.from_dict(budget.to_dict()) == budget and budget.is_latency
@@ -144,7 +164,7 @@ def test_the_recipes_plan_to_a_latency_budget(name, fake_runtime, tmp_path, monk
     model = _net()
     method = methods.get(name)
     plan = method.make_plan(model, channel_groups(model), Budget.latency(0.4), None)
-    lat = LatencyModel(model)  # from the cache the method filled
+    lat = LatencyModel(model, tile="auto")  # from the cache the method filled
     assert lat.from_cache and len(fake_runtime) == 1
     assert lat.predict(plan) <= 0.6 * lat.base_ms * 1.02
     assert method.base_record(Budget.latency(0.4))["budget"] == {

@@ -90,10 +90,15 @@ class Budget:
         return cls("latency_ms", ms, runtime, threads)
 
     def latency_model(self, model, groups=None):
-        """The `LatencyModel` of `model` for this budget's runtime and threads (cached on disk)."""
+        """The `LatencyModel` of `model` for this budget's runtime and threads (cached on disk).
+
+        Its features count output channels in the tiles the runtime computes
+        on this CPU (`tile="auto"`, measured once by
+        `tfkdp.pruning.alignment.measure_alignment` and cached).
+        """
         from tfkdp.pruning.latency_model import LatencyModel
 
-        return LatencyModel(model, runtime=self.runtime, threads=self.threads, groups=groups)
+        return LatencyModel(model, runtime=self.runtime, threads=self.threads, groups=groups, tile="auto")
 
     @classmethod
     def macs(cls, reduction):

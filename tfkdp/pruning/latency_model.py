@@ -122,9 +122,11 @@ class LatencyModel:
         seed: seed of the random plans and the visiting order.
         tile: output channels per kernel tile of the runtime (>= 1): the
             features count each pruned output-channel count rounded up to a
-            multiple of `tile` (capped at the full width); 1 counts exact MACs.
+            multiple of `tile` (capped at the full width); 1 counts exact MACs;
+            `"auto"` uses the alignment the runtime rewards on this CPU,
             `tfkdp.pruning.alignment.measure_alignment(runtime, threads)["round_to"]`
-            measures it.
+            (measured once, cached on disk). Budgets (`Budget.latency_model`)
+            use `"auto"`.
         cache_dir: where fits are cached (`default_cache_dir()`); `None`
             uses the default, `False` disables the cache.
 
@@ -156,6 +158,10 @@ class LatencyModel:
         self.random_plans = checks.check_int("random_plans", random_plans, 0)
         self.widths = tuple(checks.check_fraction("width", w) for w in widths)
         self.seed = checks.check_int("seed", seed, 0)
+        if isinstance(tile, str) and tile.strip().lower() == "auto":
+            from tfkdp.pruning.alignment import measure_alignment
+
+            tile = int(measure_alignment(runtime, self.threads)["round_to"])
         self.tile = checks.check_int("tile", tile, 1)
         self.model = model
         self.cost = CostModel(model, groups)
