@@ -35,6 +35,7 @@ import numpy as np
 from absl import logging
 
 from tfkdp import checks
+from tfkdp.pruning.runtimes import RUNTIMES, cache_root, runtime_version
 
 __all__ = [
     "CANDIDATES",
@@ -105,7 +106,6 @@ def cpu_model():
 
 def default_cache_dir():
     """`$TFKDP_CACHE/alignment`, else `~/.cache/tfkdp/alignment`."""
-    from tfkdp.pruning.latency_model import cache_root
 
     return os.path.join(cache_root(), "alignment")
 
@@ -141,7 +141,6 @@ def measure_alignment(runtime="litert", threads=1, counts=None, repeat=60, toler
         `{"round_to": a, "per_mac_ns": {a: ns per MAC}, "measured_ms": {c: p50 ms},
         "runtime", "threads", "version", "cpu", "seconds", "cached"}`.
     """
-    from tfkdp.pruning.latency_model import RUNTIMES, _runtime_version
 
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {sorted(RUNTIMES)}; received runtime={runtime!r}")
@@ -152,7 +151,7 @@ def measure_alignment(runtime="litert", threads=1, counts=None, repeat=60, toler
         if counts is None
         else {int(a): [int(c) for c in cs] for a, cs in counts.items()}
     )
-    version = _runtime_version(runtime)
+    version = runtime_version(runtime)
     cpu = cpu_model()
     key_payload = json.dumps([runtime, version, int(threads), cpu, counts, _VERSION],
                              sort_keys=True)  # fmt: skip
@@ -198,7 +197,6 @@ def _time_probes(channel_counts, runtime, threads, repeat, seed):
     from tfkdp.export import latency as latency_lib
     from tfkdp.export.converters import export_model
     from tfkdp.export.runners import open_runner
-    from tfkdp.pruning.latency_model import RUNTIMES
 
     fmt = RUNTIMES[runtime]
     x = np.random.default_rng(seed).uniform(size=(1, _SIZE, _SIZE, 64)).astype(np.float32)

@@ -40,17 +40,11 @@ import numpy as np
 from absl import logging
 
 from tfkdp import checks
+from tfkdp.pruning.runtimes import RUNTIMES, cache_root, runtime_version
 
 __all__ = ["LatencyModel", "RUNTIMES", "default_cache_dir", "layer_kind"]
 
-#: runtime name -> export format whose artifact it runs.
-RUNTIMES = {"litert": "tflite", "onnxruntime": "onnx"}
 _VERSION = 2  # bump when the fit changes: old cache entries are then ignored
-
-
-def cache_root():
-    """`$TFKDP_CACHE`, else `~/.cache/tfkdp`: where tfkdp keeps what it measured on this machine."""
-    return os.environ.get("TFKDP_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "tfkdp")
 
 
 def default_cache_dir():
@@ -93,16 +87,6 @@ def _structure_key(model, runtime, threads, version, tile=1):
     payload = json.dumps([structure, runtime, version, int(threads), int(tile), _VERSION], sort_keys=True,
                          default=str)  # fmt: skip
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
-
-
-def _runtime_version(runtime):
-    from importlib import metadata
-
-    package = {"litert": "ai-edge-litert", "onnxruntime": "onnxruntime"}[runtime]
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 class LatencyModel:
@@ -170,7 +154,7 @@ class LatencyModel:
                                      for layer in self.cost.term_layers], dtype=np.int64)  # fmt: skip
         self.from_cache = False
         self.build_seconds = 0.0
-        self.version = _runtime_version(runtime)
+        self.version = runtime_version(runtime)
         key = _structure_key(model, runtime, self.threads, self.version, self.tile)
         if cache_dir is None:
             cache_dir = default_cache_dir()
