@@ -75,6 +75,8 @@ def train_teacher(folder, path, alpha, epochs, learning_rate, batch_size, seed):
     start = time.time()
     phases.finetune(model, train, None, epochs, phases.Training(learning_rate=learning_rate, verbose=2),
                     "teacher")  # fmt: skip
+    # As the pipeline's teacher stage does: momentum-0.999 moving statistics lag behind 5 epochs.
+    phases.recalibrate(model, train, phases.Training())
     seconds = time.time() - start
     model.save(path + ".tmp.keras")
     os.replace(path + ".tmp.keras", path)

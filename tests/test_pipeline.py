@@ -171,6 +171,60 @@ def test_pipeline_savedmodel_teacher_is_evaluated_but_not_copied_as_student(tmp_
     assert summary["macs"] is None and summary["params"] is None
 
 
+def _stop_after_teacher(monkeypatch):
+    def stop(ctx, work):
+        raise KeyboardInterrupt("stop after the teacher stage")
+
+    monkeypatch.setitem(workflow._STAGE_FNS, "compress", stop)
+
+
+def test_a_teacher_trained_here_is_saved_with_re_estimated_batch_norm_statistics(tmp_path, monkeypatch):
+    import keras
+
+    from tfkdp.train import phases
+
+    before, after = [], []
+    real = phases.recalibrate
+
+    def bn_stats(model):
+        return [np.array(w) for layer in model.layers
+                if isinstance(layer, keras.layers.BatchNormalization)
+                for w in (layer.moving_mean, layer.moving_variance)]  # fmt: skip
+
+    def recording(model, data, training):
+        before.append(bn_stats(model))
+        n = real(model, data, training)
+        after.append(bn_stats(model))
+        return n
+
+    monkeypatch.setattr(phases, "recalibrate", recording)
+    _stop_after_teacher(monkeypatch)
+    values = _values(tmp_path, teacher_epochs=1)
+    with pytest.raises(KeyboardInterrupt):
+        workflow.run(values)
+    assert len(after) == 1  # the teacher stage re-estimated once
+    saved = bn_stats(keras.saving.load_model(os.path.join(values["output_dir"], "teacher", "teacher.keras")))
+    assert len(saved) == len(after[0]) > 0
+    for got, want in zip(saved, after[0], strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    # the moving averages of one short epoch were not yet the batch statistics
+    assert max(float(np.max(np.abs(a - b))) for a, b in zip(after[0], before[0], strict=True)) > 1e-3
+
+
+def test_a_teacher_near_chance_is_warned_about(tmp_path, monkeypatch, caplog):
+    import keras
+
+    inputs = keras.Input((12, 12, 1))
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3)(inputs))
+    teacher = keras.Model(inputs, keras.layers.Dense(3, kernel_initializer="zeros")(x))  # logits all 0
+    path = str(tmp_path / "constant.keras")
+    teacher.save(path)
+    _stop_after_teacher(monkeypatch)
+    with caplog.at_level("WARNING"), pytest.raises(KeyboardInterrupt):
+        workflow.run(_values(tmp_path, teacher=path))
+    assert "near chance (33.33 % for 3 classes)" in caplog.text
+
+
 def test_pipeline_missing_teacher_file_is_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.keras"):
         workflow.run(_values(tmp_path, teacher=str(tmp_path / "missing.keras")))
