@@ -212,6 +212,12 @@ def test_seeds_are_aggregated_and_the_best_follows_the_stated_rule():
     latency = {"target_macs_reduction": 0.5, "target_latency_ms": 1.0}
     assert comparison.within_budget(dict(rows["a"], litert_p50_ms=1.09), latency)
     assert not comparison.within_budget(dict(rows["a"], litert_p50_ms=1.11), latency)
+    # a share of the teacher's latency (timed in the same runs): 1.1 x (1 - 0.5) x 2.0 ms = 1.1 ms
+    relative = {"target_macs_reduction": 0.5, "target_latency_ms": None, "target_latency_reduction": 0.5}
+    assert comparison.within_budget(dict(rows["a"], litert_p50_ms=1.09), relative, teacher_p50_ms=2.0)
+    assert not comparison.within_budget(dict(rows["a"], litert_p50_ms=1.11), relative, teacher_p50_ms=2.0)
+    assert comparison.within_budget(dict(rows["a"], litert_p50_ms=1.0), relative) is None  # no teacher time
+    assert "50 % less latency than the teacher" in comparison.markdown(dict(result, budget=relative))
     text = comparison.markdown(result)
     assert "| a **(best)** | 91.00 ± 1.41 |" in text and "| d | failed |" in text
     assert "ValueError: unreachable" in text

@@ -187,3 +187,23 @@ def test_pipeline_checks_a_latency_budget_before_training(fake_runtime, tmp_path
     assert not os.path.exists(os.path.join(values["output_dir"], "compress"))
     with pytest.raises(ValueError, match="does not apply to --method=weight"):
         workflow.run(_values(tmp_path, teacher=tiny_teacher, method="weight", target_latency_ms=1.0))
+    # the same budget as a share of the predicted latency: checked before training too
+    values = _values(tmp_path, teacher=tiny_teacher, target_latency_reduction=0.999)
+    with pytest.raises(ValueError, match="target_latency_reduction=0.999 is unreachable.*fastest reachable"):
+        workflow.run(values)
+    assert not os.path.exists(os.path.join(values["output_dir"], "compress"))
+    with pytest.raises(ValueError, match="pass one latency budget: --target_latency_ms=1 or "
+                                         "--target_latency_reduction=0.4, not both"):  # fmt: skip
+        workflow.run(_values(tmp_path, teacher=tiny_teacher, target_latency_ms=1.0, target_latency_reduction=0.4))
+    with pytest.raises(ValueError, match=r"target_latency_reduction.*1\.5"):
+        workflow.run(_values(tmp_path, teacher=tiny_teacher, target_latency_reduction=1.5))
+
+
+def test_pipeline_flags_make_the_budget_every_method_gets():
+    from tfkdp.methods import Budget
+    from tfkdp.pipelines.workflow import budget_of
+
+    base = {"target_macs_reduction": 0.5, "latency_runtime": "onnxruntime", "latency_threads": 2}
+    assert budget_of(base) == Budget.macs(0.5)
+    assert budget_of(dict(base, target_latency_ms=1.5)) == Budget.latency_ms(1.5, "onnxruntime", 2)
+    assert budget_of(dict(base, target_latency_reduction=0.4)) == Budget.latency(0.4, "onnxruntime", 2)
