@@ -264,7 +264,8 @@ def write_comparison(output_dir, values, names, seeds, teacher_summary, runner, 
     teacher = {k: teacher_summary.get(k) for k in ("accuracy", "macs", "params")}
     teacher["seconds"] = runner.record("teacher")["seconds"]
     budget = {"target_macs_reduction": values["target_macs_reduction"],
-              "target_latency_ms": values.get("target_latency_ms")}  # fmt: skip
+              "target_latency_ms": values.get("target_latency_ms"),
+              "target_latency_reduction": values.get("target_latency_reduction")}  # fmt: skip
     setup = {
         "teacher": values["teacher"], "methods": names, "seeds": seeds,
         "total_epochs": values["compress_epochs"] + values["finetune_epochs"],

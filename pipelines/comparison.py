@@ -9,7 +9,8 @@ draw the spread as error bars.
 
 The best method, by a stated rule: among the methods within the budget (a
 MAC budget: MAC reduction ≥ target − 0.02, the tolerance of `make_plan`; a
-latency budget: measured LiteRT p50 of the deploy format ≤ 1.1 × the budget),
+latency budget: measured LiteRT p50 of the deploy format ≤ 1.1 × the budget; a latency
+reduction r: ≤ 1.1 × (1 − r) × the teacher's p50 timed in the same runs),
 the highest mean test accuracy; ties by the lower mean LiteRT p50.
 """
 
@@ -25,7 +26,8 @@ LATENCY_TOLERANCE = 0.10  # a latency budget is met within 10 % as measured
 RULE = (
     "highest mean test accuracy among the methods within the budget (MAC budget: MAC reduction "
     f">= target - {MAC_TOLERANCE}; latency budget: measured LiteRT p50 of the deploy format "
-    f"<= {1 + LATENCY_TOLERANCE:g} x the budget); ties: lower mean LiteRT p50"
+    f"<= {1 + LATENCY_TOLERANCE:g} x the budget, or x (1 - reduction) x the teacher's p50); "
+    "ties: lower mean LiteRT p50"
 )
 
 
@@ -99,10 +101,18 @@ def method_row(name, runs, failed):
     return row
 
 
-def within_budget(row, budget):
-    """Whether a method's row meets the run's budget (see the module docstring), or None if unknown."""
+def within_budget(row, budget, teacher_p50_ms=None):
+    """Whether a method's row meets the run's budget (see the module docstring), or None if unknown.
+
+    `teacher_p50_ms` (LiteRT, the deploy format) is needed for a `target_latency_reduction` budget.
+    """
     if row["status"] != "ok":
         return False
+    if budget.get("target_latency_reduction"):
+        p50 = row.get("litert_p50_ms")
+        if p50 is None or not teacher_p50_ms:
+            return None
+        return p50 <= (1 - budget["target_latency_reduction"]) * teacher_p50_ms * (1 + LATENCY_TOLERANCE)
     if budget.get("target_latency_ms"):
         p50 = row.get("litert_p50_ms")
         return None if p50 is None else p50 <= budget["target_latency_ms"] * (1 + LATENCY_TOLERANCE)
@@ -127,18 +137,18 @@ def build(teacher, runs, failures, names, budget, setup):
         runs: rows of the finished runs (`run_row`).
         failures: `{method, seed, error, epochs}` of the failed runs.
         names: the compared methods, in order.
-        budget: `{target_macs_reduction, target_latency_ms}`.
+        budget: `{target_macs_reduction, target_latency_ms, target_latency_reduction}`.
         setup: what the rows share (`total_epochs`, `seeds`, `deploy_format`, `threads`, ...).
     """
+    p50s = [r["teacher_litert_p50_ms"] for r in runs if r.get("teacher_litert_p50_ms")]
+    # Every run timed the teacher next to its student: the median of those p50s.
+    teacher = dict(teacher, litert_p50_ms=statistics.median(p50s) if p50s else None)
     rows = []
     for name in names:
         row = method_row(name, [r for r in runs if r["method"] == name],
                          [f for f in failures if f["method"] == name])  # fmt: skip
-        row["within_budget"] = within_budget(row, budget)
+        row["within_budget"] = within_budget(row, budget, teacher["litert_p50_ms"])
         rows.append(row)
-    p50s = [r["teacher_litert_p50_ms"] for r in runs if r.get("teacher_litert_p50_ms")]
-    # Every run timed the teacher next to its student: the median of those p50s.
-    teacher = dict(teacher, litert_p50_ms=statistics.median(p50s) if p50s else None)
     for key in ("nonzero_params", "size_bytes", "gzip_bytes"):
         teacher[key] = next((r[f"teacher_{key}"] for r in runs if r.get(f"teacher_{key}")), None)
     for row in rows:
@@ -181,6 +191,9 @@ def markdown(comparison):
     teacher, setup, budget = comparison["teacher"], comparison["setup"], comparison["budget"]
     if budget.get("target_latency_ms"):
         budget_text = f"latency ≤ {budget['target_latency_ms']:g} ms (measured within 10 %)"
+    elif budget.get("target_latency_reduction"):
+        budget_text = (f"{100 * budget['target_latency_reduction']:g} % less latency than the teacher "
+                       "(measured within 10 %)")  # fmt: skip
     else:
         budget_text = f"{100 * budget['target_macs_reduction']:.0f} % MAC reduction (within 2 %)"
     fmt, threads = setup["deploy_format"], setup["threads"]

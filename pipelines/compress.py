@@ -71,6 +71,12 @@ flags.DEFINE_float(
     "A latency budget instead of the MAC budget: predicted ms per image (batch 1) on "
     "--latency_runtime with --latency_threads (a cost model measured on that runtime).",
 )
+flags.DEFINE_float(
+    "target_latency_reduction", None,
+    "A latency budget as a share of the student's predicted latency to remove, in (0, 1), on "
+    "--latency_runtime with --latency_threads: unlike --target_latency_ms it does not depend on how "
+    "fast the machine runs today.",
+)
 flags.DEFINE_enum("latency_runtime", "litert", ("litert", "onnxruntime"),
                   "Runtime of the latency budget's cost model.")  # fmt: skip
 flags.DEFINE_integer("latency_threads", 1, "Threads of the latency budget's runtime.")

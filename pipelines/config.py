@@ -32,7 +32,8 @@ STAGE_FLAGS = {
         "batch_size", "seed", "mixed_precision", "input_scaling",
     ),
     "compress": (
-        "student", "method", "target_macs_reduction", "target_latency_ms", "latency_runtime",
+        "student", "method", "target_macs_reduction", "target_latency_ms", "target_latency_reduction",
+        "latency_runtime",
         "latency_threads", "criterion", "round_to", "compress_epochs",
         "lr", "temperature", "compress_train_subset", "strategy",
         *METHOD_FLAGS,
