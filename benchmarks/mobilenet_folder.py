@@ -136,11 +136,17 @@ def main():
                     "litert_p50_ms": side.get("student_p50_ms"),
                     "int8_accuracy": int8.get("accuracy"), "int8_p50_ms": int8.get("latency_ms_p50")},
         "speedup": side.get("speedup"), "speedup_over_mac_speedup": side.get("speedup_over_mac_speedup"),
-        "stages": report.get("stages"), "rejected": [r["format"] for r in report.get("rejected", [])],
+        "stages": report.get("stages"), "rejected": [{"format": r["format"], "runtime": r.get("runtime"), "n": r.get("n"),
+                      "accuracy": r.get("accuracy"), "top1_agreement": r.get("top1_agreement"),
+                      "failed_checks": r.get("failed_checks"), "error": r.get("error") or r.get("reason")}
+                     for r in report.get("rejected", [])],
         "wall_seconds": round(time.time() - start, 1),
     }  # fmt: skip
     common.write_json(os.path.join(common.RESULTS_DIR, args.name + ".json"), result)
     t, s = result["teacher"], result["student"]
+    checks = [f"{r['format']}: {c['metric']} {c['measured']:.4g} (allowed {c['allowed']:.4g})"
+              for r in result["rejected"] for c in (r["failed_checks"] or [])]  # fmt: skip
+    rejected = f" (rejected: {'; '.join(checks) or result['rejected']})" if result["rejected"] else ""  # fmt: skip
     table = (
         "| model | test acc % | MACs (M) | params (k) | LiteRT float32 p50 (ms) |\n|---|---|---|---|---|\n"
         f"| MobileNetV2 α={args.alpha:g} teacher | {100 * t['accuracy']:.2f} | {t['macs'] / 1e6:.2f} "
@@ -148,7 +154,7 @@ def main():
         f"| kdp student (50 % MACs) | {100 * s['accuracy']:.2f} | {s['macs'] / 1e6:.2f} "
         f"| {s['params'] / 1e3:.1f} | {s['litert_p50_ms']:.3f} |\n\n"
         f"Speedup {result['speedup']:.2f}× (÷ MAC speedup: {result['speedup_over_mac_speedup']:.2f}); "
-        f"int8 student accuracy {100 * (s['int8_accuracy'] or float('nan')):.2f} %. "
+        f"int8 student accuracy {100 * (s['int8_accuracy'] or float('nan')):.2f} %{rejected}. "
         f"Wall time {result['wall_seconds']:.0f} s.\n"
     )
     common.write_text(os.path.join(common.RESULTS_DIR, args.name + ".md"), table)
