@@ -50,17 +50,14 @@ def test_accuracy(model):
     return metrics.accuracy(model, data.preprocess(x_test).numpy(), y_test, batch_size=512)
 
 
-def get_teacher(name="resnet32", epochs=4, width=16, seed=0, learning_rate=0.1, batch_size=128):
-    """A teacher trained on real Fashion-MNIST: the repository's copy, else cached on disk.
+def kept_or_trained(stem, train):
+    """`(model, info)` of `benchmarks/teachers/<stem>.keras` (+ `.json`) when kept, else trained once.
 
-    `benchmarks/teachers/<stem>.keras` (with its `.json`) is used when present;
-    otherwise the teacher is trained once and cached under `benchmarks/.cache/`.
-
-    Returns:
-        `(model, info)` where info holds `test_accuracy`, `train_seconds`,
-        `epochs`, `macs`, `params`.
+    `train()` returns `(model, info)`; its result is cached under
+    `benchmarks/.cache/<stem>.keras` (+ `.json`, written atomically), and a file
+    lock makes concurrent benchmark scripts wait for one training instead of
+    each starting its own.
     """
-    stem = f"{name}_w{width}_e{epochs}_s{seed}"
     kept = os.path.join(TEACHERS_DIR, stem)
     if os.path.exists(kept + ".keras") and os.path.exists(kept + ".json"):
         with open(kept + ".json") as f:
@@ -72,20 +69,7 @@ def get_teacher(name="resnet32", epochs=4, width=16, seed=0, learning_rate=0.1, 
     with open(os.path.join(CACHE_DIR, stem + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (os.path.exists(path) and os.path.exists(info_path)):
-            keras.utils.set_random_seed(seed)
-            model = models.get(name, width=width)
-            train, test = datasets(batch_size, seed)
-            start = time.time()
-            # Checkpointed every epoch: a killed run (or a session that ends) resumes here.
-            backup = keras.callbacks.BackupAndRestore(os.path.join(CACHE_DIR, stem + ".backup"))
-            training.train_classifier(model, train, test, epochs=epochs, learning_rate=learning_rate,
-                                      verbose=2, callbacks=[backup])  # fmt: skip
-            info = {
-                "name": name, "width": width, "epochs": epochs, "seed": seed,
-                "train_seconds": round(time.time() - start, 1),
-                "test_accuracy": test_accuracy(model),
-                "macs": metrics.count_macs(model), "params": metrics.count_params(model),
-            }
+            model, info = train()
             fd, tmp = tempfile.mkstemp(suffix=".keras", dir=CACHE_DIR)
             os.close(fd)
             model.save(tmp)
@@ -94,6 +78,38 @@ def get_teacher(name="resnet32", epochs=4, width=16, seed=0, learning_rate=0.1, 
     with open(info_path) as f:
         info = json.load(f)
     return keras.saving.load_model(path), info
+
+
+def get_teacher(name="resnet32", epochs=4, width=16, seed=0, learning_rate=0.1, batch_size=128):
+    """A teacher trained on real Fashion-MNIST: the repository's copy, else cached on disk.
+
+    `benchmarks/teachers/<stem>.keras` (with its `.json`) is used when present;
+    otherwise the teacher is trained once and cached under `benchmarks/.cache/`
+    (`kept_or_trained`).
+
+    Returns:
+        `(model, info)` where info holds `test_accuracy`, `train_seconds`,
+        `epochs`, `macs`, `params`.
+    """
+    stem = f"{name}_w{width}_e{epochs}_s{seed}"
+
+    def train():
+        keras.utils.set_random_seed(seed)
+        model = models.get(name, width=width)
+        train_data, test = datasets(batch_size, seed)
+        start = time.time()
+        # Checkpointed every epoch: a killed run (or a session that ends) resumes here.
+        backup = keras.callbacks.BackupAndRestore(os.path.join(CACHE_DIR, stem + ".backup"))
+        training.train_classifier(model, train_data, test, epochs=epochs, learning_rate=learning_rate,
+                                  verbose=2, callbacks=[backup])  # fmt: skip
+        return model, {
+            "name": name, "width": width, "epochs": epochs, "seed": seed,
+            "train_seconds": round(time.time() - start, 1),
+            "test_accuracy": test_accuracy(model),
+            "macs": metrics.count_macs(model), "params": metrics.count_params(model),
+        }  # fmt: skip
+
+    return kept_or_trained(stem, train)
 
 
 def timed_step_ends(model, data, steps, warmup):

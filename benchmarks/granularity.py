@@ -26,7 +26,12 @@ Run serialised with the other benchmarks:
 
 Smoke check (minutes): `--train-subset 512 --epochs 1 --teacher-epochs 1
 --families resnet --levels 0.5`. Writes benchmarks/results/granularity.json
-and granularity.md after every run.
+and granularity.md after every (family, level, seed). The same command run
+again resumes: (family, level, seed) cells recorded by the same setup
+(`RESUME_KEYS`) with the same teacher are skipped, so more families, levels or
+seeds can be added over several runs (`--restart` starts over). Teachers kept
+in `benchmarks/teachers/` (`common.kept_or_trained`) make that hold across
+machines.
 """
 
 import argparse
@@ -73,6 +78,8 @@ def _parse():
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--latency-repeat", type=int, default=200)
     parser.add_argument("--name", default="granularity", help="results file stem")
+    parser.add_argument("--restart", action="store_true",
+                        help="ignore the runs recorded under --name (default: resume them)")  # fmt: skip
     args = parser.parse_args()
     for level in args.levels:
         if not 0.0 < level < 1.0:
@@ -83,33 +90,19 @@ def _parse():
 
 
 def _teacher(family, args):
-    """The family's teacher, trained on Fashion-MNIST once and cached."""
-    import fcntl
-    import json
-
+    """The family's teacher: kept in `benchmarks/teachers/`, else trained on Fashion-MNIST once and cached."""
     name, kwargs, _, _ = FAMILIES[family]
-    os.makedirs(common.CACHE_DIR, exist_ok=True)
-    stem = f"granularity_{name}_e{args.teacher_epochs}_n{args.train_subset}"
-    path = os.path.join(common.CACHE_DIR, stem + ".keras")
-    info_path = os.path.join(common.CACHE_DIR, stem + ".json")
-    with open(os.path.join(common.CACHE_DIR, stem + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (os.path.exists(path) and os.path.exists(info_path)):
-            keras.utils.set_random_seed(0)
-            model = models.get(name, input_shape=(28, 28, 1), num_classes=10, **kwargs)
-            train, test = common.datasets(args.batch_size, 0, args.train_subset or None)
-            start = time.time()
-            training.train_classifier(model, train, test, epochs=args.teacher_epochs,
-                                      learning_rate=0.1, verbose=2)  # fmt: skip
-            info = {"name": name, "kwargs": kwargs, "train_seconds": round(time.time() - start, 1)}
-            fd, tmp = tempfile.mkstemp(suffix=".keras", dir=common.CACHE_DIR)
-            os.close(fd)
-            model.save(tmp)
-            os.replace(tmp, path)
-            common.write_json(info_path, info)
-    with open(info_path) as f:
-        info = json.load(f)
-    return keras.saving.load_model(path), info
+
+    def train():
+        keras.utils.set_random_seed(0)
+        model = models.get(name, input_shape=(28, 28, 1), num_classes=10, **kwargs)
+        train_data, test = common.datasets(args.batch_size, 0, args.train_subset or None)
+        start = time.time()
+        training.train_classifier(model, train_data, test, epochs=args.teacher_epochs,
+                                  learning_rate=0.1, verbose=2)  # fmt: skip
+        return model, {"name": name, "kwargs": kwargs, "train_seconds": round(time.time() - start, 1)}
+
+    return common.kept_or_trained(f"granularity_{name}_e{args.teacher_epochs}_n{args.train_subset}", train)
 
 
 def _measure(model, repeat, reference=None):
@@ -270,20 +263,57 @@ def _write(args, runs, wall):
     print(common.markdown_table(rows, COLUMNS), flush=True)
 
 
+# Options a recorded run must share to be resumed (families, levels and seeds may grow).
+RESUME_KEYS = ("teacher_epochs", "epochs", "train_subset", "batch_size", "learning_rate")
+
+
+def _previous_runs(args):
+    """The runs recorded under `--name` by the same setup (`RESUME_KEYS`), else `[]`."""
+    import json
+
+    path = os.path.join(common.RESULTS_DIR, args.name + ".json")
+    if args.restart or not os.path.exists(path):
+        return []
+    with open(path) as f:
+        payload = json.load(f)
+    if any(payload["args"].get(k) != getattr(args, k) for k in RESUME_KEYS):
+        print(f"{path} holds another setup: starting over", flush=True)
+        return []
+    return payload["runs"]
+
+
+def _cell(run):
+    return run["family"], run["level"], run["seed"]
+
+
 def main():
     args = _parse()
     wall = time.time()
-    runs = []
+    runs = _previous_runs(args)
     for family in args.families:
         teacher, _ = _teacher(family, args)
         teacher_row = _measure(teacher, args.latency_repeat)
+        accuracy = teacher_row["test_accuracy"]
+        stale = [r for r in runs if r["family"] == family and r.get("teacher_test_accuracy") != accuracy]
+        if stale:  # another teacher (retrained elsewhere): its rows do not compare with this one's
+            print(f"dropping {len(stale)} recorded {family} rows of another teacher", flush=True)
+            runs = [r for r in runs if r not in stale]
         for level in args.levels:
-            runs.append(dict(teacher_row, family=family, level=level, method="teacher", seed=None))
+            if not any((r["family"], r["level"], r["method"]) == (family, level, "teacher") for r in runs):
+                runs.append(dict(teacher_row, family=family, level=level, method="teacher", seed=None,
+                                 teacher_test_accuracy=accuracy))  # fmt: skip
             for seed in args.seeds:
+                cell = (family, level, seed)
+                if set(METHODS) <= {r["method"] for r in runs if _cell(r) == cell}:
+                    print(f"{family} at {level} seed {seed}: recorded, skipped", flush=True)
+                    continue
+                runs = [r for r in runs if _cell(r) != cell]  # a partial record is run again
                 for method, row in _run_level(teacher, teacher_row, family, level, seed, args).items():
-                    runs.append(dict(row, family=family, level=level, method=method, seed=seed))
+                    runs.append(dict(row, family=family, level=level, method=method, seed=seed,
+                                     teacher_test_accuracy=accuracy))  # fmt: skip
                 _write(args, runs, wall)
                 keras.backend.clear_session()
+    _write(args, runs, wall)
 
 
 if __name__ == "__main__":

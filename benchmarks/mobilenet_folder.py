@@ -5,7 +5,7 @@ The real run of issue "User data at any size": Fashion-MNIST exported as a
 channels, bilinear resize), a `keras.applications.MobileNetV2` (`--alpha`,
 `weights=None`, logits) trained on that folder with the house recipe and its
 own input scaling (`symmetric`, [-1, 1]), then `tfkdp-compress` with the
-default method (`kdp`) at 50 % MAC reduction on the same folder: teacher vs
+default method (`kdp`; another with `--flag=--method=...`) at 50 % MAC reduction on the same folder: teacher vs
 student test accuracy, MACs, parameters, and LiteRT float32 latency of both
 (1 thread, batch 1, interleaved in the pipeline's latency stage).
 
@@ -96,6 +96,9 @@ def main():
     parser.add_argument("--latency-repeat", type=int, default=200)
     parser.add_argument("--workdir", default=os.path.join(common.CACHE_DIR, "mobilenet_folder"))
     parser.add_argument("--name", default="mobilenet_folder")
+    parser.add_argument("--flag", action="append", default=[], metavar="--FLAG=VALUE",
+                        help="one more tfkdp-compress flag (repeatable), e.g. --flag=--method=mskd; "
+                             "the run goes to its own folder, named after --name")  # fmt: skip
     args = parser.parse_args()
 
     from benchmarks.latency_budget import pipeline_values
@@ -108,13 +111,13 @@ def main():
     teacher_path = os.path.join(args.workdir, f"mnv2_a{args.alpha:g}_e{args.teacher_epochs}_{tag}.keras")
     teacher_path, teacher_seconds = train_teacher(folder, teacher_path, args.alpha, args.teacher_epochs,
                                                   args.teacher_lr, args.batch_size, 0)  # fmt: skip
-    out = os.path.join(args.workdir, f"run_{tag}")
+    out = os.path.join(args.workdir, f"run_{tag}" + (f"_{args.name}" if args.flag else ""))
     values = pipeline_values([
         f"--teacher={teacher_path}", f"--dataset=dir:{folder}", "--input_scaling=symmetric",
         "--target_macs_reduction=0.5", f"--compress_epochs={args.compress_epochs}",
         f"--finetune_epochs={args.finetune_epochs}", f"--batch_size={args.batch_size}",
         "--formats=tflite,tflite_int8", "--threads=1", f"--latency_repeat={args.latency_repeat}",
-        f"--output_dir={out}",
+        f"--output_dir={out}", *args.flag,
     ])  # fmt: skip
     try:
         workflow.run(values)
@@ -151,7 +154,7 @@ def main():
         "| model | test acc % | MACs (M) | params (k) | LiteRT float32 p50 (ms) |\n|---|---|---|---|---|\n"
         f"| MobileNetV2 α={args.alpha:g} teacher | {100 * t['accuracy']:.2f} | {t['macs'] / 1e6:.2f} "
         f"| {t['params'] / 1e3:.1f} | {t['litert_p50_ms']:.3f} |\n"
-        f"| kdp student (50 % MACs) | {100 * s['accuracy']:.2f} | {s['macs'] / 1e6:.2f} "
+        f"| {report['flags']['method']} student (50 % MACs) | {100 * s['accuracy']:.2f} | {s['macs'] / 1e6:.2f} "
         f"| {s['params'] / 1e3:.1f} | {s['litert_p50_ms']:.3f} |\n\n"
         f"Speedup {result['speedup']:.2f}× (÷ MAC speedup: {result['speedup_over_mac_speedup']:.2f}); "
         f"int8 student accuracy {100 * (s['int8_accuracy'] or float('nan')):.2f} %{rejected}. "
