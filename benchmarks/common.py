@@ -80,6 +80,30 @@ def kept_or_trained(stem, train):
     return keras.saving.load_model(path), info
 
 
+def keep(stem):
+    """Copies the cached `benchmarks/.cache/<stem>` model into `benchmarks/teachers/` to be committed.
+
+    Saved uncompiled (weights and batch-norm statistics, no optimizer state:
+    about half the size for SGD with momentum), with its `.json`; later runs of
+    `kept_or_trained(stem, ...)` on any machine load it instead of training.
+
+        .venv/bin/python -c "from benchmarks import common; common.keep('granularity_resnet20_e6_n10000')"
+    """
+    model = keras.saving.load_model(os.path.join(CACHE_DIR, stem + ".keras"))
+    bare = model.__class__.from_config(model.get_config())
+    bare.set_weights(model.get_weights())
+    os.makedirs(TEACHERS_DIR, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".keras", dir=TEACHERS_DIR)
+    os.close(fd)
+    bare.save(tmp)
+    os.chmod(tmp, 0o644)
+    with open(os.path.join(CACHE_DIR, stem + ".json")) as f:
+        info = json.load(f)
+    write_json(os.path.join(TEACHERS_DIR, stem + ".json"), info)
+    os.replace(tmp, os.path.join(TEACHERS_DIR, stem + ".keras"))
+    return os.path.join(TEACHERS_DIR, stem + ".keras")
+
+
 def get_teacher(name="resnet32", epochs=4, width=16, seed=0, learning_rate=0.1, batch_size=128):
     """A teacher trained on real Fashion-MNIST: the repository's copy, else cached on disk.
 

@@ -294,8 +294,11 @@ def main():
         teacher, _ = _teacher(family, args)
         teacher_row = _measure(teacher, args.latency_repeat)
         accuracy = teacher_row["test_accuracy"]
-        stale = [r for r in runs if r["family"] == family and r.get("teacher_test_accuracy") != accuracy]
-        if stale:  # another teacher (retrained elsewhere): its rows do not compare with this one's
+        # Another teacher (retrained elsewhere): its rows do not compare with this one's. The same
+        # file on another CPU may flip a near-tie or two of the 10 000 test images: 0.2 % slack.
+        stale = [r for r in runs if r["family"] == family
+                 and abs(r.get("teacher_test_accuracy", -1.0) - accuracy) > 0.002]  # fmt: skip
+        if stale:
             print(f"dropping {len(stale)} recorded {family} rows of another teacher", flush=True)
             runs = [r for r in runs if r not in stale]
         for level in args.levels:
