@@ -83,6 +83,22 @@ def train_teacher(folder, path, alpha, epochs, learning_rate, batch_size, seed):
     return path, seconds
 
 
+def first_epoch_penalty(run_dir):
+    """The first compress epoch's mean `sparsity_loss`, `student_loss` and their ratio, or None.
+
+    Read from the run's `state.json` (the compress stage's history); None for a
+    method without an ADMM phase.
+    """
+    with open(os.path.join(run_dir, "state.json")) as f:
+        state = json.load(f)
+    history = state.get("completed", {}).get("compress", {}).get("summary", {}).get("history", {})
+    admm = history.get("admm") or {}
+    if not admm.get("sparsity_loss") or not admm.get("student_loss"):
+        return None
+    penalty, task = admm["sparsity_loss"][0], admm["student_loss"][0]
+    return {"sparsity_loss": penalty, "student_loss": task, "ratio": penalty / task}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--alpha", type=float, default=0.35)
@@ -144,6 +160,7 @@ def main():
                       "failed_checks": r.get("failed_checks"), "error": r.get("error") or r.get("reason")}
                      for r in report.get("rejected", [])],
         "wall_seconds": round(time.time() - start, 1),
+        "first_epoch_penalty": first_epoch_penalty(out),
     }  # fmt: skip
     common.write_json(os.path.join(common.RESULTS_DIR, args.name + ".json"), result)
     t, s = result["teacher"], result["student"]
@@ -160,6 +177,10 @@ def main():
         f"int8 student accuracy {100 * (s['int8_accuracy'] or float('nan')):.2f} %{rejected}. "
         f"Wall time {result['wall_seconds']:.0f} s.\n"
     )
+    penalty = result["first_epoch_penalty"]
+    if penalty:
+        table += (f"\nFirst compress epoch: sparsity_loss {penalty['sparsity_loss']:.3g}, student_loss "
+                  f"{penalty['student_loss']:.3g}, ratio {penalty['ratio']:.3g}.\n")  # fmt: skip
     common.write_text(os.path.join(common.RESULTS_DIR, args.name + ".md"), table)
     print(table, flush=True)
 

@@ -58,6 +58,8 @@ NEEDS_VALIDATION = ("ddsl", "cascade")  # mskd carves its own held-out batches f
 VARIANTS = {
     # MS-KD's baseline: KD of the plain L1 candidate, same step budget, no selection.
     "mskd_l1": ("mskd", {"criteria": ["l1"], "allocations": ["global"], "top_k": 1}),
+    # KDP with its penalty before issue 18: per-group normalisation, ρ 0.001 → 0.05 (ddsl's).
+    "kdp_group": ("kdp", {"normalize": True, "rho_initial": 1e-3, "rho_final": 0.05}),
     # PDC with C-SGD's constant ε = 3e-3 instead of epsilon="auto" (sized to the phase).
     "pdc_eps0.003": ("pdc", {"epsilon": 3e-3}),
     # PDC with epsilon="auto" but C-SGD's weaker batch-norm pull (the default before session 7's fix).
@@ -67,7 +69,7 @@ VARIANTS = {
 }
 # Rows that diagnose a setting that is no longer a default: in the table, not in the plot
 # (a 75 % diagnosis would squash the comparison of the rows near 93 %).
-DIAGNOSES = ("pdc_eps0.003", "pdc_auto_bn0.1")
+DIAGNOSES = ("pdc_eps0.003", "pdc_auto_bn0.1", "kdp_group")
 # Methods that train all epochs in their first phase (no separate fine-tune phase).
 ONE_PHASE = ("pdc", "mskd")
 

@@ -140,6 +140,15 @@ flags.DEFINE_enum(
 flags.DEFINE_boolean("restart", False, "Discard finished stages in output_dir and start over.")
 
 # Method-specific flags: each method's `pipeline_options` reads its own (see README).
+flags.DEFINE_float(
+    "admm_rho_initial", None,
+    "kdp, ddsl: ADMM ρ at the start of the ADMM phase (> 0; default: the method's, kdp 0.5 per "
+    "unit of its mean-normalised penalty, ddsl 0.001).",
+)
+flags.DEFINE_float(
+    "admm_rho_final", None,
+    "kdp, ddsl: ADMM ρ reached after 3/4 of the ADMM phase (> 0; default: kdp 25, ddsl 0.05).",
+)
 flags.DEFINE_integer("dean_every", 10, "ddsl: optimizer steps between the dean's meta-updates.")
 flags.DEFINE_float("dean_lr", 0.05, "ddsl: learning rate of the dean's parameters.")
 flags.DEFINE_float("dean_distill_max", 2.0, "ddsl: upper bound of the distillation weight.")

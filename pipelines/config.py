@@ -17,6 +17,7 @@ RESUME_DIR = ".resume"
 # Flags of single methods (their `pipeline_options` read them); all belong to
 # the compress stage.
 METHOD_FLAGS = (
+    "admm_rho_initial", "admm_rho_final",
     "dean_every", "dean_lr", "dean_distill_max", "dean_sparsity_max",
     "mskd_criteria", "mskd_allocations", "mskd_top_k", "mskd_select_steps",
     "pdc_epsilon",

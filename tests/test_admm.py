@@ -339,5 +339,38 @@ def test_normalized_penalty_is_invariant_to_the_scale_of_the_regularised_weights
     assert penalties["base", True] > 0
     admm = admm_lib.ADMM(model, KEEP, normalize=True)
     assert admm.get_config()["normalize"] is True
-    with pytest.raises(ValueError, match="normalize must be True or False; received normalize='yes'"):
+    with pytest.raises(ValueError, match=r"normalize must be one of \[False, True, 'mean'\]; received normalize='yes'"):
         admm_lib.ADMM(model, KEEP, normalize="yes")
+
+
+def test_mean_normalized_penalty_is_the_group_normalized_one_over_the_weight_count():
+    """`normalize="mean"`: ρ/2 · Σ_g ‖W_g − Z_g + U_g‖²/ms_g / N, scale-free and small."""
+    model = _tiny()
+    group = admm_lib.ADMM(model, KEEP, rho=1.0, normalize=True)
+    mean = admm_lib.ADMM(model, KEEP, rho=1.0, normalize="mean")
+    count = sum(int(np.prod(z.shape)) for gid in mean.group_ids for _, _, z, _ in mean.slots(gid))
+    assert mean.regularised_weights() == count > 0
+    np.testing.assert_allclose(float(mean.penalty()), float(group.penalty()) / count, rtol=1e-5)
+    # By hand: each group's squared distance in units of its own mean square, averaged over N.
+    total = 0.0
+    for gid in mean.group_ids:
+        slots = mean.slots(gid)
+        values = [keras.ops.convert_to_numpy(v) for _, v, _, _ in slots]
+        ms = sum(np.sum(v**2) for v in values) / sum(v.size for v in values)
+        diffs = [
+            v - keras.ops.convert_to_numpy(z) + keras.ops.convert_to_numpy(u)
+            for v, (_, _, z, u) in zip(values, slots, strict=True)
+        ]
+        total += sum(np.sum(d**2) for d in diffs) / ms
+    np.testing.assert_allclose(float(mean.penalty()), 0.5 * total / count, rtol=1e-4)
+    # Right after reset U = W − Z, so the term is 4× the removed share of the energy: < 2·ρ.
+    assert 0.0 < float(mean.penalty()) < 2.0
+    scaled = keras.models.clone_model(model)
+    scaled.set_weights([w * 8.0 for w in model.get_weights()])
+    np.testing.assert_allclose(
+        float(admm_lib.ADMM(scaled, KEEP, rho=1.0, normalize="mean").penalty()), float(mean.penalty()), rtol=1e-4
+    )
+    config = mean.get_config()
+    assert config["normalize"] == "mean"
+    again = admm_lib.ADMM.from_student_config(model, config)
+    np.testing.assert_allclose(float(again.penalty()), float(mean.penalty()), rtol=1e-6)

@@ -29,6 +29,20 @@ def test_recipe_pipeline_options_map_the_shared_flags():
                        "training": None}  # fmt: skip
 
 
+def test_admm_rho_flags_reach_kdp_and_ddsl_and_bad_values_are_refused():
+    flags = {"compress_epochs": 3, "finetune_epochs": 2, "criterion": "l2", "round_to": 4,
+             "admm_rho_initial": 0.3, "admm_rho_final": None}  # fmt: skip
+    options = methods.kdp.KDP.pipeline_options(flags, training=None)
+    assert options["rho_initial"] == 0.3 and "rho_final" not in options
+    kdp = methods.get("kdp", **{k: v for k, v in options.items() if k != "training"})
+    assert (kdp.rho_initial, kdp.rho_final, kdp.normalize) == (0.3, 25.0, "mean")
+    # ddsl keeps the penalty its dean was tuned with unless told otherwise.
+    ddsl = methods.get("ddsl")
+    assert (ddsl.rho_initial, ddsl.rho_final, ddsl.normalize) == (1e-3, 0.05, True)
+    with pytest.raises(ValueError, match="rho_initial"):
+        methods.get("kdp", rho_initial=-1.0)
+
+
 def test_pipeline_gives_the_method_its_options_state_dir_and_report_section(tmp_path):
     """`workflow._method` builds the method from its hook and sets `state_dir`; the report
     merges the method's section and plots (the recipes' pipeline tests run it end to end)."""

@@ -46,7 +46,10 @@ class DDSL(KDP):
         sparsity_max: upper bound of `w_sparsity` (> 1, its initial value).
         distill_min: lower bound of `w_distill` (>= 0, < the initial value).
         sparsity_min: lower bound of `w_sparsity` (>= 0, < 1).
-        **kwargs: KDP's options (`rho_initial`, `rho_final`, `update_every`,
+        **kwargs: KDP's options, with ddsl's own defaults for the penalty
+            (`normalize=True`, `rho_initial=0.001`, `rho_final=0.05`: the
+            per-group penalty the dean was tuned and measured with, not
+            KDP's per-weight mean), and (`rho_initial`, `rho_final`, `update_every`,
             `sparsity_ramp`, `admm_epochs`, `finetune_epochs`, `criterion`,
             `allocation`, `min_channels`, `round_to`, `training`).
 
@@ -70,6 +73,11 @@ class DDSL(KDP):
 
     def __init__(self, dean_every=10, dean_lr=0.05, distill_max=2.0, sparsity_max=2.0,
                  distill_min=0.0, sparsity_min=0.0, **kwargs):  # fmt: skip
+        # The penalty the dean was tuned and measured with (BENCHMARKS, recipes table):
+        # per-group normalisation, not KDP's per-weight mean.
+        kwargs.setdefault("normalize", True)
+        kwargs.setdefault("rho_initial", 1e-3)
+        kwargs.setdefault("rho_final", 0.05)
         super().__init__(**kwargs)
         from tfkdp.distill.dean import _check_range
 

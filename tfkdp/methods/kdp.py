@@ -5,10 +5,11 @@
 1. **budget**: `make_plan` turns the MAC (or parameter) budget into a number
    of channels to keep per group (global, MAC-aware allocation by default);
 2. **ADMM + KD phase** (`admm_epochs`): the student is distilled from the
-   teacher while the ADMM penalty ρ/2·Σ_g ‖W_g − Z_g + U_g‖²/ms_g pulls it
+   teacher while the ADMM penalty ρ/2·Σ_g ‖W_g − Z_g + U_g‖²/(ms_g·N) pulls it
    towards the channel-sparse set (ms_g: the group's mean square weight at the
-   start, so one ρ suits weights of any magnitude); the sparsity ramps up
-   (polynomial schedule) and ρ grows;
+   start, N: the number of regularised weights, so one ρ suits models of any
+   size and weight magnitude); the sparsity ramps up (polynomial schedule)
+   and ρ grows;
 3. **hard prune** from Z's support (masks that stay in force);
 4. **masked KD fine-tune** (`finetune_epochs`), then batch-norm re-estimation;
 5. **strip** (`Method.finalize`): the smaller model.
@@ -52,13 +53,17 @@ class KDP(Recipe):
             3/4 of the ADMM phase.
         rho_initial: see `rho`.
         rho_final: see `rho`.
-        normalize: divide each group's penalty by its mean square weight
-            (`ADMM(normalize=True)`); ρ is then per unit of the weights'
-            own scale. The defaults 0.001 → 0.05 equal the unnormalised
-            0.1 → 5 of earlier versions on our zoo's resnets (median group
-            mean square ≈ 0.011 on a trained resnet32); on
-            `keras.applications.MobileNetV2` trained without weight decay
-            the unnormalised penalty was ~400× the task loss.
+        normalize: `"mean"` (default), `True` or `False` (`ADMM(normalize=...)`).
+            `"mean"`: the penalty is ρ/2 times the mean, over every
+            regularised weight, of its squared distance to the sparse set in
+            units of its group's mean square weight: unitless, in [0, ~ρ/2]
+            whatever the model's size or weight scale, so the defaults
+            ρ 0.5 → 25 keep the first ADMM epoch's `sparsity_loss` within
+            10× the task loss (6.7× on a keras.applications MobileNetV2 α 0.35
+            trained without weight decay, where the per-group `True` with
+            ρ 0.001 → 0.05, the default before, was 83×). `True`: each group's
+            term divided by its mean square, summed over the weights (ddsl's
+            default). `False`: the plain penalty.
         update_every: optimizer steps between ADMM Z/U updates.
         sparsity_ramp: fraction of the ADMM phase over which the sparsity
             rises (polynomial, Zhu & Gupta) from 0 to the target.
@@ -73,7 +78,7 @@ class KDP(Recipe):
     name = "kdp"
     first_phase_minimum = 1
 
-    def __init__(self, rho=None, rho_initial=1e-3, rho_final=0.05, normalize=True, update_every=4,
+    def __init__(self, rho=None, rho_initial=0.5, rho_final=25.0, normalize="mean", update_every=4,
                  sparsity_ramp=0.25, **kwargs):  # fmt: skip
         super().__init__(**kwargs)
         from tfkdp.pruning.sparsity import schedules
@@ -82,12 +87,21 @@ class KDP(Recipe):
         self.sparsity_ramp = checks.check_fraction("sparsity_ramp", sparsity_ramp, high_inclusive=True)
         self.rho_initial = checks.check_number("rho_initial", rho_initial, 0, strict=True)
         self.rho_final = checks.check_number("rho_final", rho_final, 0, strict=True)
-        if not isinstance(normalize, bool):
-            raise ValueError(f"normalize must be True or False; received normalize={normalize!r}")
-        self.normalize = normalize
+        from tfkdp.pruning.sparsity import admm as admm_lib
+
+        self.normalize = admm_lib.check_normalize(normalize)
         if isinstance(rho, dict):  # from get_config
             rho = keras.saving.deserialize_keras_object(rho)
         self.rho = None if rho is None else schedules.get_rho_schedule(rho)
+
+    @classmethod
+    def pipeline_options(cls, flags, training):
+        """The shared options plus `--admm_rho_initial` / `--admm_rho_final` when given."""
+        options = super().pipeline_options(flags, training)
+        for flag, option in (("admm_rho_initial", "rho_initial"), ("admm_rho_final", "rho_final")):
+            if flags.get(flag) is not None:
+                options[option] = flags[flag]
+        return options
 
     def get_config(self):
         config = super().get_config()

@@ -39,7 +39,7 @@ from tfkdp.pruning.plan import PruningPlan
 from tfkdp.pruning.sparsity import schedules
 from tfkdp.train import runtime
 
-__all__ = ["ADMM", "project_channels"]
+__all__ = ["ADMM", "NORMALIZE", "check_normalize", "project_channels"]
 
 
 def project_channels(values, axes, repeats, k):
@@ -103,6 +103,18 @@ class _Slot:
         return tf.gather(value, self.indices, axis=self.axis)
 
 
+NORMALIZE = (False, True, "mean")
+
+
+def check_normalize(normalize):
+    """`normalize` if it is one of `NORMALIZE`, else a `ValueError` listing them."""
+    if not any(normalize is v or (isinstance(v, str) and normalize == v) for v in NORMALIZE):
+        raise ValueError(
+            f"normalize must be one of {list(NORMALIZE)}; received normalize={normalize!r}"
+        )
+    return normalize
+
+
 @keras.saving.register_keras_serializable(package="tfkdp")
 class ADMM(keras.layers.Layer):
     """ADMM channel-sparsity state and penalty, the `Distiller`'s `sparsity` term.
@@ -133,15 +145,21 @@ class ADMM(keras.layers.Layer):
             (`tfkdp.pruning.sparsity.schedules.ExponentialRho` ramps it). When ρ changes, U is
             rescaled by ρ_old/ρ_new (U is the dual divided by ρ).
         update_every: optimizer steps between Z/U updates (>= 1).
-        normalize: when true, each group's term is divided by the mean square
-            of its regularised weights at construction (or `reset`), so the
-            penalty is ρ/2·Σ_g ‖W_g − Z_g + U_g‖² / ms_g: a per-group ρ_g = ρ/ms_g.
-            A kernel followed by batch norm computes the same function at any
-            scale a, where the task gradient scales as 1/a and the raw penalty's
-            as a; divided by ms_g both scale alike, so one ρ suits models whose
-            weights differ in magnitude (a keras.applications model trained
-            without weight decay and our zoo's). U stays the scaled dual of
-            each group's own ρ_g, so the Z/U updates do not change.
+        normalize: `False` (the plain penalty), `True` or `"mean"`. `True`
+            divides each group's term by the mean square ms_g of its
+            regularised weights at construction (or `reset`), so the penalty
+            is ρ/2·Σ_g ‖W_g − Z_g + U_g‖² / ms_g: a per-group ρ_g = ρ/ms_g. A
+            kernel followed by batch norm computes the same function at any
+            scale a, where the task gradient scales as 1/a and the raw
+            penalty's as a; divided by ms_g both scale alike, so one ρ suits
+            models whose weights differ in magnitude (a keras.applications
+            model trained without weight decay and our zoo's). `"mean"` also
+            divides by N, the number of regularised weights: the penalty is
+            ρ/2 times the *mean* squared distance to the sparse set in units
+            of each group's mean square, a number in [0, ~ρ/2] whatever the
+            model's size (unitless; ρ_g = ρ/(ms_g·N)), so its value can be
+            compared with the task loss on any model. U stays the scaled dual
+            of each group's own ρ_g, so the Z/U updates do not change.
         groups: the model's `ChannelGroup`s (computed when omitted).
         name: layer name.
 
@@ -179,9 +197,7 @@ class ADMM(keras.layers.Layer):
         keep = _keep_counts(keep)
         self._model_name = model.name
         self.update_every = update_every
-        if not isinstance(normalize, bool):
-            raise ValueError(f"normalize must be True or False; received normalize={normalize!r}")
-        self.normalize = normalize
+        self.normalize = check_normalize(normalize)
         self.rho_schedule = schedules.get_rho_schedule(rho)
         self._groups = []
         total, removed = 0, 0
@@ -238,7 +254,7 @@ class ADMM(keras.layers.Layer):
             shape=(), initializer="zeros", trainable=False, name="sparsity", aggregation=agg
         )
         self._masks = []
-        self._scales = []  # 1/ms_g with `normalize`, else 1
+        self._scales = []  # 1/ms_g with normalize=True, 1/(ms_g·N) with "mean", else 1
         for gi, (group, _, slots) in enumerate(self._groups):
             self._masks.append(
                 self.add_weight(
@@ -315,6 +331,10 @@ class ADMM(keras.layers.Layer):
                 return mask
         raise ValueError(f"group {group_id!r} is not regularised; regularised: {self.group_ids}")
 
+    def regularised_weights(self):
+        """N: the number of regularised weight entries (every slot of every group)."""
+        return sum(int(np.prod(s.read().shape)) for _, _, slots in self._groups for s in slots)
+
     def reset(self, step=0):
         """U ← 0, ρ ← ρ(step), Z ← Π_k(W) at the sparsity of `step`; with `normalize`, ms_g of W now."""
         for (_, _, slots), scale in zip(self._groups, self._scales, strict=True):
@@ -325,7 +345,10 @@ class ADMM(keras.layers.Layer):
                 total = tf.add_n([tf.reduce_sum(tf.square(v)) for v in values])
                 count = float(sum(int(np.prod(v.shape)) for v in values))
                 mean_square = total / count
-                scale.assign(tf.where(mean_square > 0, 1.0 / tf.maximum(mean_square, 1e-30), 1.0))
+                inverse = tf.where(mean_square > 0, 1.0 / tf.maximum(mean_square, 1e-30), 1.0)
+                if self.normalize == "mean":
+                    inverse = inverse / float(self.regularised_weights())
+                scale.assign(inverse)
         self.step.assign(tf.constant(step, tf.int64))
         self.rho.assign(tf.cast(self.rho_schedule(tf.constant(step, tf.int64)), tf.float32))
         self.sparsity.assign(0.0)
@@ -340,7 +363,7 @@ class ADMM(keras.layers.Layer):
     def penalty(self):
         """ρ/2 · Σ_g s_g·‖W_g − Z_g + U_g‖² over the regularised slices (float32 scalar).
 
-        s_g = 1, or 1/ms_g with `normalize`.
+        s_g = 1, 1/ms_g with `normalize=True`, or 1/(ms_g·N) with `normalize="mean"`.
         """
         total = tf.constant(0.0, tf.float32)
         for (_, _, slots), scale in zip(self._groups, self._scales, strict=True):
