@@ -46,12 +46,12 @@ class DDSL(KDP):
         sparsity_max: upper bound of `w_sparsity` (> 1, its initial value).
         distill_min: lower bound of `w_distill` (>= 0, < the initial value).
         sparsity_min: lower bound of `w_sparsity` (>= 0, < 1).
-        **kwargs: KDP's options, with ddsl's own defaults for the penalty
-            (`normalize=True`, `rho_initial=0.001`, `rho_final=0.05`: the
-            per-group penalty the dean was tuned and measured with, not
-            KDP's per-weight mean), and (`rho_initial`, `rho_final`, `update_every`,
+        **kwargs: KDP's options (`normalize`, `rho_initial`, `rho_final`, `update_every`,
             `sparsity_ramp`, `admm_epochs`, `finetune_epochs`, `criterion`,
-            `allocation`, `min_channels`, `round_to`, `training`).
+            `allocation`, `min_channels`, `round_to`, `training`). ddsl's own
+            penalty defaults are `normalize=True`, `rho_initial=0.001`,
+            `rho_final=0.05`: the per-group penalty its dean was tuned and
+            measured with, not KDP's per-weight mean.
 
     Raises:
         ValueError: for `dean_every < 1`, `dean_lr < 0`, reversed or

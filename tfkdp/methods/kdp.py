@@ -81,14 +81,13 @@ class KDP(Recipe):
     def __init__(self, rho=None, rho_initial=0.5, rho_final=25.0, normalize="mean", update_every=4,
                  sparsity_ramp=0.25, **kwargs):  # fmt: skip
         super().__init__(**kwargs)
+        from tfkdp.pruning.sparsity import admm as admm_lib
         from tfkdp.pruning.sparsity import schedules
 
         self.update_every = checks.check_int("update_every", update_every, 1)
         self.sparsity_ramp = checks.check_fraction("sparsity_ramp", sparsity_ramp, high_inclusive=True)
         self.rho_initial = checks.check_number("rho_initial", rho_initial, 0, strict=True)
         self.rho_final = checks.check_number("rho_final", rho_final, 0, strict=True)
-        from tfkdp.pruning.sparsity import admm as admm_lib
-
         self.normalize = admm_lib.check_normalize(normalize)
         if isinstance(rho, dict):  # from get_config
             rho = keras.saving.deserialize_keras_object(rho)

@@ -108,7 +108,7 @@ NORMALIZE = (False, True, "mean")
 
 def check_normalize(normalize):
     """`normalize` if it is one of `NORMALIZE`, else a `ValueError` listing them."""
-    if not any(normalize is v or (isinstance(v, str) and normalize == v) for v in NORMALIZE):
+    if not (isinstance(normalize, bool) or (isinstance(normalize, str) and normalize == "mean")):
         raise ValueError(
             f"normalize must be one of {list(NORMALIZE)}; received normalize={normalize!r}"
         )
@@ -337,6 +337,7 @@ class ADMM(keras.layers.Layer):
 
     def reset(self, step=0):
         """U ← 0, ρ ← ρ(step), Z ← Π_k(W) at the sparsity of `step`; with `normalize`, ms_g of W now."""
+        weights = float(self.regularised_weights()) if self.normalize == "mean" else 1.0
         for (_, _, slots), scale in zip(self._groups, self._scales, strict=True):
             for slot in slots:
                 slot.u.assign(tf.zeros_like(slot.u))
@@ -346,9 +347,7 @@ class ADMM(keras.layers.Layer):
                 count = float(sum(int(np.prod(v.shape)) for v in values))
                 mean_square = total / count
                 inverse = tf.where(mean_square > 0, 1.0 / tf.maximum(mean_square, 1e-30), 1.0)
-                if self.normalize == "mean":
-                    inverse = inverse / float(self.regularised_weights())
-                scale.assign(inverse)
+                scale.assign(inverse / weights)
         self.step.assign(tf.constant(step, tf.int64))
         self.rho.assign(tf.cast(self.rho_schedule(tf.constant(step, tf.int64)), tf.float32))
         self.sparsity.assign(0.0)
