@@ -285,3 +285,30 @@ def test_pipeline_rejects_cascade_levels_above_the_budget_before_training(tmp_pa
     with pytest.raises(ValueError, match="not below"):
         workflow.run(values)
     assert not os.path.exists(os.path.join(values["output_dir"], "teacher"))
+
+
+def test_stage_2_teachers_have_re_estimated_batch_norm_statistics(tiny_images, monkeypatch):
+    # Stage 1 moves the shared kernels faster than each model's moving averages follow; the
+    # TAs must teach in stage 2 with statistics re-estimated on the training data (before
+    # this, a 16-step stage 1 left them so far off that the student fell to 10 %).
+    from tfkdp.train import batchnorm, phases
+
+    teacher, train, val = _setup(tiny_images)
+    seen = {}
+    real_distill = phases.distill
+
+    def capture(switch, student, *args, **kwargs):
+        seen["teachers"] = list(switch.teachers)
+        return real_distill(switch, student, *args, **kwargs)
+
+    monkeypatch.setattr(phases, "distill", capture)
+    method = _cascade(num_tas=1, stage2_epochs=1, training=Training(
+        learning_rate=0.5, recalibrate_bn=2, jit_compile=False))  # fmt: skip
+    pruned = method.prune(teacher, methods.Method.prepare_student(teacher, None), train, val, 0.5)
+    ta = seen["teachers"][0]
+    bns = [la for la in ta.layers if isinstance(la, layers.BatchNormalization)]
+    before = [keras.ops.convert_to_numpy(b.moving_variance).copy() for b in bns]
+    batchnorm.recalibrate_batchnorm(ta, train, 2)  # idempotent on re-estimated statistics
+    for b, v in zip(bns, before, strict=True):
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(b.moving_variance), v, rtol=1e-4)
+    assert all("val_accuracy_recalibrated" in m for m in pruned.record["models"])
