@@ -184,29 +184,13 @@ def test_recalibrate_batchnorm_sets_moving_stats_to_the_average_of_batch_stats()
 def _first_epoch_penalty_ratio(**options):
     """KDP on a keras.applications MobileNetV2 (α = 0.35) whose kernels are 10× a fresh one's.
 
-    Returns the first ADMM epoch's mean `sparsity_loss` over its mean `student_loss`.
+    Returns the first ADMM epoch's mean `sparsity_loss` over its mean `student_loss`
+    (the setup is `benchmarks.admm_scale`'s, on 48 images).
     """
-    rng = np.random.default_rng(0)
-    x = rng.uniform(0, 1, size=(48, 32, 32, 3)).astype("float32")
-    y = (np.arange(48) % 3).astype("int32")
-    x[y == 1, :16] += 1.0
-    x[y == 2, 16:] += 1.0
-    keras.utils.set_random_seed(0)
-    teacher = keras.applications.MobileNetV2(
-        alpha=0.35, weights=None, input_shape=(32, 32, 3), classes=3, classifier_activation=None
-    )
-    student = copy_model(teacher)
-    for layer in student.layers:  # as a teacher trained without weight decay has them
-        if isinstance(layer, keras.layers.Conv2D | keras.layers.DepthwiseConv2D):
-            layer.kernel.assign(layer.kernel * 10.0)
-    method = methods.get(
-        "kdp", admm_epochs=2, finetune_epochs=0, update_every=1,
-        training={"learning_rate": 0.01, "recalibrate_bn": 0}, **options,
-    )  # fmt: skip
-    pruned = method.prune(teacher, student, data.make_dataset(x, y, batch_size=16, training=False),
-                          None, methods.Budget.macs(0.5))  # fmt: skip
-    history = pruned.history["admm"]
-    return history["sparsity_loss"][0] / history["student_loss"][0]
+    from benchmarks.admm_scale import first_epoch_ratio
+
+    penalty, task = first_epoch_ratio(options, images=48, update_every=1)
+    return penalty / task
 
 
 def test_kdp_default_penalty_stays_within_ten_times_the_task_loss_on_mobilenet_v2():
