@@ -1,7 +1,9 @@
 """Wiring of the compress pipeline's stages: library calls only, one function per stage.
 
 The strategy and multi-worker wiring lives in `distributed`, the checks of the
-inputs (and the resolution of `--round_to`) in `validate`.
+inputs (and the resolution of `--round_to`) in `validate`, what the stages share
+(`Context`) in `context`, and the deployment stages (export, verify, latency) in
+`deploy`.
 """
 
 import json
@@ -13,16 +15,31 @@ import keras
 import numpy as np
 from absl import logging
 
-from tfkdp.export._atomic import tree_size_bytes, write_bytes_atomic, write_json_atomic
-from tfkdp.pipelines import distributed, validate
+from tfkdp.export._atomic import tree_size_bytes, write_json_atomic
+from tfkdp.pipelines import deploy, distributed, validate
 from tfkdp.pipelines import report as report_lib
 from tfkdp.pipelines.config import RESUME_DIR, STAGE_FLAGS, STAGES
+from tfkdp.pipelines.context import Context, load_teacher, teacher_path
+from tfkdp.pipelines.deploy import (
+    CALIBRATION_SAMPLES,
+    REJECTED_DIR,
+    ArtifactsRejectedError,
+    stage_export,
+    stage_latency,
+    stage_verify,
+)
 from tfkdp.pipelines.distributed import TRAINING_STAGES, worker_dir
 from tfkdp.pipelines.state import StageRunner
 
 # Their former names here, which tests and scripts reach through `workflow`.
 _log_global_batch = distributed.log_global_batch
 _resolve_round_to = validate.resolve_round_to_flag
+_teacher_path = teacher_path
+_restore_rejected = deploy.restore_rejected
+__all__ = [
+    "CALIBRATION_SAMPLES", "REJECTED_DIR", "ArtifactsRejectedError", "Context", "budget_of",
+    "load_teacher", "preflight", "run", "stage_export", "stage_latency", "stage_verify",
+]  # fmt: skip
 
 
 def _verbose():
@@ -35,121 +52,6 @@ def _callbacks(ctx, stage):
     log_dir = os.path.join(ctx.runner.output_dir, "tb", stage)
     shutil.rmtree(log_dir, ignore_errors=True)  # a rerun of the stage replaces its logs
     return [keras.callbacks.TensorBoard(log_dir=log_dir, write_graph=False, profile_batch=0)]
-
-
-class Context:
-    """What the stages share: flags, data, strategy, and the runner's folders.
-
-    Array datasets (`fashion_mnist`, `npz:`, `cifar10:`, `cifar100:`) are held in
-    memory; a `dir:` folder is streamed from disk (`tfkdp.folders.ImageFolder`:
-    only its file names are held), at the teacher file's input size and
-    channels, or `--image_size`/`--color_mode` for a zoo teacher.
-    """
-
-    def __init__(self, values, runner):
-        from tfkdp import data
-
-        self.flags = values
-        self.runner = runner
-        self.folder = None
-        # --input_scaling: checked before any data is read or model trained (lists the valid names).
-        self.scaling = _input_scaling(values)
-        # Before any other TensorFlow work: MultiWorkerMirroredStrategy configures collectives.
-        self.strategy = distributed.make_strategy(values["strategy"])
-        distributed.log_global_batch(self.strategy, values)
-        kind, path = data.parse_spec(values["dataset"])
-        if kind == "dir":
-            from tfkdp.folders import ImageFolder
-
-            image_size, color_mode = validate.folder_format(values)
-            # Lists the splits and decodes every file once: a corrupt image stops here.
-            self.folder = ImageFolder(path, image_size, color_mode)
-            logging.info("dataset %s: %s, %s", values["dataset"], self.folder.describe(),
-                         self.folder.image_shape)  # fmt: skip
-            self.num_classes = self.folder.num_classes
-            self.input_shape = tuple(self.folder.image_shape)
-        else:
-            (x_train, y_train), (x_test, y_test), self.num_classes = data.load_dataset(
-                values["dataset"]
-            )
-            (self.x_train, self.y_train), (self.x_val, self.y_val) = data.validation_split(
-                x_train, y_train, 0.1, seed=values["seed"]
-            )
-            self.x_test, self.y_test = x_test, y_test
-            self.input_shape = tuple(int(d) for d in x_train.shape[1:])
-
-    def datasets(self, subset=0):
-        from tfkdp import data
-
-        batch, seed = self.flags["batch_size"], self.flags["seed"]
-        if self.folder is not None:
-            train = self.folder.dataset("train", batch, training=True, seed=seed, limit=subset,
-                                        scaling=self.scaling)  # fmt: skip
-            val = self.folder.dataset("val", 512, scaling=self.scaling)
-            return distributed.sharded(self, train), distributed.sharded(self, val)
-        x, y = self.x_train, self.y_train
-        if subset:
-            x, y = x[:subset], y[:subset]
-        train = data.make_dataset(x, y, batch, training=True, seed=seed, scaling=self.scaling)
-        val = data.make_dataset(self.x_val, self.y_val, 512, scaling=self.scaling)
-        return distributed.sharded(self, train), distributed.sharded(self, val)
-
-    def test_inputs(self, limit=None, raw=False):
-        """The first `limit` test images (all if None) scaled as for training, and their labels.
-
-        `raw`: the images as float32 pixels in [0, 255] instead (what artifacts
-        with a baked `--input_scaling` take).
-        """
-        from tfkdp import data
-
-        if self.folder is not None:
-            x, y = self.folder.arrays("test", limit)
-        else:
-            x = self.x_test if limit is None else self.x_test[:limit]
-            y = self.y_test if limit is None else self.y_test[:limit]
-        if raw:
-            return data.to_pixels(x), np.asarray(y)
-        return data.preprocess(x, scaling=self.scaling).numpy(), np.asarray(y)
-
-    def train_inputs(self, limit, raw=False):
-        """The first `limit` training images scaled as for training (e.g. int8 calibration).
-
-        `raw`: float32 pixels in [0, 255] instead (calibration of baked artifacts).
-
-        The training order is random (a seeded permutation for arrays, the path
-        hash for folders), so the first images are a random draw of the classes.
-        """
-        from tfkdp import data
-
-        x = self.folder.arrays("train", limit)[0] if self.folder is not None else self.x_train[:limit]
-        return data.to_pixels(x) if raw else data.preprocess(x, scaling=self.scaling).numpy()
-
-    def test_accuracy(self, model):
-        """Top-1 accuracy of `model` on the whole test split (streamed for a folder)."""
-        from tfkdp import metrics
-
-        if self.folder is None:
-            x, y = self.test_inputs()
-            return metrics.accuracy(model, x, y, batch_size=512)
-        images = self.folder.dataset("test", 512, scaling=self.scaling).map(lambda x, y: x)
-        logits = model.predict(images, verbose=0)
-        labels = np.asarray(self.folder.files("test")[1])
-        return float(np.mean(np.argmax(logits, axis=-1) == labels))
-
-    def path(self, stage, name):
-        return os.path.join(self.runner.stage_dir(stage), name)
-
-
-def _input_scaling(values):
-    """The `--input_scaling` name, checked (`ValueError` listing the valid names); default `unit`."""
-    from tfkdp import scaling
-
-    return scaling.get(values.get("input_scaling", scaling.DEFAULT)).name
-
-
-def _baked(ctx):
-    """The scaling baked into the exported artifacts (`--bake_preprocessing`), or None."""
-    return ctx.scaling if ctx.flags.get("bake_preprocessing", False) else None
 
 
 def _load_student(path):
@@ -170,18 +72,6 @@ def _summary(model, ctx):
         "macs": metrics.count_macs(model),
         "params": metrics.count_params(model),
     }
-
-
-def _teacher_path(ctx):
-    record = ctx.runner.record("teacher")["summary"]
-    return ctx.path("teacher", "teacher.keras") if record["trained_here"] else record["path"]
-
-
-def load_teacher(ctx):
-    """The teacher model of the finished teacher stage (or the user's file)."""
-    from tfkdp.distill.distiller import load_teacher as load
-
-    return load(_teacher_path(ctx), input_shape=ctx.input_shape)
 
 
 def stage_teacher(ctx, work):
@@ -237,7 +127,7 @@ def build_student(ctx, teacher):
 
     spec = ctx.flags["student"]
     if spec == "teacher":
-        if os.path.isdir(_teacher_path(ctx)):
+        if os.path.isdir(teacher_path(ctx)):
             raise ValueError(
                 "--student=teacher needs a Keras teacher (.keras/.h5 or a zoo name); a SavedModel "
                 "teacher is inference-only: pass --student=<zoo name or .keras path>"
@@ -391,177 +281,6 @@ def stage_strip(ctx, work):
     return dict(_summary(small, ctx), max_abs_diff_vs_masked=diff)
 
 
-# Training images that calibrate tflite_int8's activation ranges (fewer if the
-# training set is smaller). Full-integer quantisation takes each activation's
-# range from min/max over these samples: a few hundred real images cover every
-# class (50 each on 10 classes) and the ranges stop moving; TFLite suggests
-# 100-500. The same count as tfkdp-export's --calibration_samples; the
-# training order is random (`Context.train_inputs`), so the first N are a
-# random draw.
-CALIBRATION_SAMPLES = 500
-
-
-def stage_export(ctx, work):
-    from tfkdp import export
-
-    model = keras.saving.load_model(ctx.path("strip", "student.keras"))
-    # With --bake_preprocessing the artifacts take raw pixels: so does their calibration.
-    calibration = ctx.train_inputs(CALIBRATION_SAMPLES, raw=_baked(ctx) is not None)
-    artifacts = export.export_model(
-        model, os.path.join(work, "artifacts"), formats=tuple(ctx.flags["formats"]),
-        calibration=calibration, bake_scaling=_baked(ctx),
-    )
-    return {"artifacts": {fmt: os.path.relpath(p, work) for fmt, p in artifacts.items()},
-            "calibration_samples": int(len(calibration)), "bake_scaling": _baked(ctx)}
-
-
-def _artifacts(ctx):
-    summary = ctx.runner.record("export")["summary"]
-    return {fmt: os.path.join(ctx.runner.stage_dir("export"), rel)
-            for fmt, rel in summary["artifacts"].items()}
-
-
-# Folder, inside the export stage's folder, of the artifacts that failed
-# verification, each with `<file name>.reason.txt` beside it.
-REJECTED_DIR = "rejected"
-
-
-class ArtifactsRejectedError(RuntimeError):
-    """Some exported artifacts failed verification; the report covers the others.
-
-    `run` raises it after report.json, report.md and the plots are written,
-    so the report of the passing artifacts exists when it is caught.
-
-    Attributes:
-        rejected: `{format: {"path", "reason", "short"}}`, paths relative to
-            `output_dir`.
-        output_dir: the run's folder (report.md and report.json are in it).
-        markdown: the report as Markdown (what `run` returns on success).
-    """
-
-    def __init__(self, rejected, output_dir, markdown):
-        self.rejected = dict(rejected)
-        self.output_dir = output_dir
-        self.markdown = markdown
-        details = "; ".join(f"{fmt} ({entry['short']})" for fmt, entry in self.rejected.items())
-        super().__init__(
-            f"{len(self.rejected)} artifact(s) failed verification: {details}. Moved with their "
-            f"reasons to {os.path.join(output_dir, 'export', REJECTED_DIR)}; "
-            f"{os.path.join(output_dir, 'report.md')} covers the ones that passed"
-        )
-
-
-def _rejected_dir(ctx):
-    return os.path.join(ctx.runner.stage_dir("export"), REJECTED_DIR)
-
-
-def _restore_rejected(ctx):
-    """Puts back what an unfinished verify stage moved out, so a rerun checks every artifact."""
-    rejected = _rejected_dir(ctx)
-    if not os.path.isdir(rejected):
-        return
-    for path in _artifacts(ctx).values():
-        moved = os.path.join(rejected, os.path.basename(path))
-        if not os.path.exists(path) and os.path.exists(moved):
-            os.replace(moved, path)
-    shutil.rmtree(rejected)
-
-
-def _short_reason(result):
-    """One clause per failed check: `top1_agreement 0.875 < 0.98 (n=32)`."""
-    if result.get("error"):
-        error = result["error"]
-        return error if len(error) <= 120 else error[:117] + "..."
-    parts = [
-        f"{c['metric']} {c['measured']:.4g} {'>' if c['metric'] == 'max_abs_diff' else '<'} "
-        f"{c['allowed']:.4g}"
-        for c in result.get("checks", []) if not c["passed"]
-    ]
-    return f"{', '.join(parts)} (n={result.get('n')})"
-
-
-def stage_verify(ctx, work):
-    """Every artifact against the Keras student on the first `--verify_samples` test images.
-
-    An artifact that fails a check (or does not run on its runtime) is moved
-    to `export/rejected/` with `<file>.reason.txt` beside it; the latency and
-    report stages see only the ones that passed, and `run` raises
-    `ArtifactsRejectedError` once the report is written. With
-    `--strict_verify` a failure stops the run here (`VerificationError`) and
-    nothing is moved.
-    """
-    from tfkdp import export
-
-    _restore_rejected(ctx)  # a rerun of this stage starts from what export wrote
-    model = keras.saving.load_model(ctx.path("strip", "student.keras"))
-    # Baked artifacts get raw pixels; the Keras student gets them scaled (inside verify).
-    x, y = ctx.test_inputs(ctx.flags["verify_samples"], raw=_baked(ctx) is not None)
-    artifacts = _artifacts(ctx)
-    try:
-        results = export.verify(model, artifacts, x, y, bake_scaling=_baked(ctx))
-    except export.VerificationError as error:
-        if ctx.flags.get("strict_verify", False):
-            raise
-        results = error.results
-    rejected = {}
-    for fmt, result in results.items():
-        if result["passed"]:
-            continue
-        target = os.path.join(_rejected_dir(ctx), os.path.basename(artifacts[fmt]))
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        reason = "\n".join(result["failures"])
-        write_bytes_atomic(target + ".reason.txt", (reason + "\n").encode("utf-8"))
-        os.replace(artifacts[fmt], target)
-        rejected[fmt] = {
-            "path": os.path.relpath(target, ctx.runner.output_dir), "reason": reason,
-            "short": _short_reason(result),
-        }
-        logging.warning("rejected %s (moved to %s): %s", fmt, target, reason)
-    write_json_atomic(os.path.join(work, "verify.json"), results)
-    return {"results": results, "rejected": rejected}
-
-
-def _verified_artifacts(ctx):
-    """`{format: path}` of the exported artifacts that passed the verify stage."""
-    rejected = ctx.runner.record("verify")["summary"].get("rejected", {})
-    return {fmt: path for fmt, path in _artifacts(ctx).items() if fmt not in rejected}
-
-
-def stage_latency(ctx, work):
-    """Times the verified artifacts and, in the same interleaved blocks, the teacher's float32 tflite.
-
-    The teacher (unless it is a SavedModel, which is inference-only) is
-    converted to `latency/teacher/model.tflite` (and `model.onnx` when the
-    student has an onnx artifact) and timed as `teacher:tflite` next to the
-    student's artifacts, so a busy machine biases neither side; its rows carry
-    `label: "teacher"`.
-    """
-    from tfkdp import export
-
-    artifacts = dict(_verified_artifacts(ctx))
-    if not artifacts:
-        logging.warning("no artifact passed verification: nothing to time")
-    teacher_artifact = None
-    if artifacts and not os.path.isdir(_teacher_path(ctx)):
-        formats = ("tflite", "onnx") if "onnx" in artifacts else ("tflite",)
-        paths = export.export_model(load_teacher(ctx), os.path.join(work, "teacher"),
-                                    formats=formats, bake_scaling=_baked(ctx))  # fmt: skip
-        teacher_artifact = os.path.relpath(paths["tflite"], work)  # the stage folder is renamed
-        for fmt in formats:
-            artifacts[f"teacher:{fmt}"] = paths[fmt]
-    rows = export.benchmark_latency(
-        artifacts, ctx.input_shape,
-        threads=tuple(int(t) for t in ctx.flags["threads"]),
-        repeat=ctx.flags["latency_repeat"],
-        input_scaling=ctx.scaling, bake_scaling=_baked(ctx),
-    ) if artifacts else []
-    for row in rows:
-        if row.get("label") == "teacher":  # where it will be once the stage folder is in place
-            row["path"] = os.path.join(ctx.runner.stage_dir("latency"), os.path.relpath(row["path"], work))
-    write_json_atomic(os.path.join(work, "latency.json"), rows)
-    return {"rows": rows, "teacher_artifact": teacher_artifact}
-
-
 def stage_report(ctx, work):
     """report.json, report.md and plots, with non-zero parameters, sizes and Performance Efficiency.
 
@@ -606,7 +325,7 @@ def stage_report(ctx, work):
     # float32 tflite, timed by the latency stage in the same interleaved blocks.
     reference = None
     teacher["nonzero_params"] = None
-    if not os.path.isdir(_teacher_path(ctx)):
+    if not os.path.isdir(teacher_path(ctx)):
         teacher["nonzero_params"] = metrics.count_nonzero_params(load_teacher(ctx))
         path = summary.get("teacher_artifact")
         path = ctx.path("latency", path) if path else None
@@ -652,7 +371,7 @@ def stage_report(ctx, work):
         "macs": efficiency(student["macs"], teacher["macs"]),
     }
     artifacts = []
-    for fmt, path in _verified_artifacts(ctx).items():
+    for fmt, path in deploy.verified_artifacts(ctx).items():
         checked = verify.get(fmt, {})
         timed = [r for r in latency if r.get("format") == fmt] or [{}]
         size, gz = tree_size_bytes(path), gzip_size_bytes(path)
