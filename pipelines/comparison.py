@@ -97,7 +97,8 @@ def method_row(name, runs, failed):
         row[key] = _mean([r[key] for r in runs])
     latencies = [r["litert_p50_ms"] for r in runs if r["litert_p50_ms"] is not None]
     row["litert_p50_ms_std"] = statistics.stdev(latencies) if len(latencies) > 1 else 0.0 if latencies else None
-    row["status"] = "ok" if runs else "failed"
+    # "pending": neither finished nor failed yet (the comparison is rewritten after every run).
+    row["status"] = "ok" if runs else "failed" if failed else "pending"
     return row
 
 
@@ -217,7 +218,8 @@ def markdown(comparison):
     ]
     for row in comparison["rows"]:
         if row["status"] != "ok":
-            lines.append(f"| {row['method']} | failed | - | - | - | - | - | - | - | - | "
+            status = "failed" if row["status"] == "failed" else "not run yet"
+            lines.append(f"| {row['method']} | {status} | - | - | - | - | - | - | - | - | "
                          f"{_epochs_cell(row['epochs'])} | - | - |")  # fmt: skip
             continue
         best = " **(best)**" if row["method"] == comparison["best"] else ""

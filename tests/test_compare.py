@@ -197,13 +197,15 @@ def test_seeds_are_aggregated_and_the_best_follows_the_stated_rule():
     teacher = {"accuracy": 0.93, "macs": 1e6, "params": 2000, "seconds": 5.0}
     budget = {"target_macs_reduction": 0.5, "target_latency_ms": None}
     setup = {"teacher": "t", "seeds": [0, 1], "total_epochs": 3, "deploy_format": "tflite", "threads": "1"}
-    result = comparison.build(teacher, runs, failures, ["a", "b", "c", "d"], budget, setup)
+    result = comparison.build(teacher, runs, failures, ["a", "b", "c", "d", "e"], budget, setup)
     rows = {r["method"]: r for r in result["rows"]}
     assert rows["a"]["test_accuracy"] == pytest.approx(0.91)
     assert rows["a"]["test_accuracy_std"] == pytest.approx(0.0141421, rel=1e-4)  # sample std
     assert (rows["a"]["test_accuracy_min"], rows["a"]["test_accuracy_max"]) == (0.90, 0.92)
     assert rows["a"]["litert_p50_ms"] == pytest.approx(1.1) and rows["a"]["speedup"] == pytest.approx(2.0 / 1.1)
     assert rows["c"]["within_budget"] is False and rows["d"]["status"] == "failed"
+    # e has neither run nor failed yet (the comparison is written after every run)
+    assert rows["e"]["status"] == "pending" and rows["e"]["within_budget"] is False
     assert result["best"] == "a"  # tie on accuracy with b: the lower latency wins
     assert result["teacher"]["litert_p50_ms"] == 2.0
     # 0.49 is within make_plan's 2 %; 0.47 is not.
@@ -220,4 +222,5 @@ def test_seeds_are_aggregated_and_the_best_follows_the_stated_rule():
     assert "50 % less latency than the teacher" in comparison.markdown(dict(result, budget=relative))
     text = comparison.markdown(result)
     assert "| a **(best)** | 91.00 ± 1.41 |" in text and "| d | failed |" in text
+    assert "| e | not run yet |" in text
     assert "ValueError: unreachable" in text
