@@ -13,8 +13,8 @@ DEMO_DIR  ?= runs/demo
 DEMO_FLAGS ?=
 COMPARE_DIR ?= runs/compare
 # Every registered method from one resnet20 teacher at 50 % fewer MACs, 3 epochs each on 10 k
-# images, float32 and int8 LiteRT: sized to fit about an hour on 2 cores (an estimate from the
-# methods' step times; the whole run is not timed yet).
+# images, float32 and int8 LiteRT: about an hour on 2 cores (measured: 4064 s on a 2-core AMD EPYC
+# with 8 methods; BENCHMARKS.md "make compare").
 COMPARE_FLAGS ?= --method=all --teacher_epochs=3 --compress_epochs=2 --finetune_epochs=1 \
 	--compress_train_subset=10000 --formats=tflite,tflite_int8 --latency_repeat=100
 
