@@ -178,7 +178,7 @@ def run(values, restart=False):
         ValueError: bad comparison flags, or no method can run (before the
             teacher is trained).
     """
-    from tfkdp.pipelines import workflow
+    from tfkdp.pipelines import context, workflow
     from tfkdp.pipelines.state import StageRunner, read_state
 
     names, seeds = check(values)
@@ -201,7 +201,7 @@ def run(values, restart=False):
     was_done = runner.done("teacher")
     runner.run("teacher", lambda work: workflow.stage_teacher(ctx, work))
     teacher_summary = runner.record("teacher")["summary"]
-    teacher_path = workflow._teacher_path(ctx)
+    teacher_path = context.teacher_path(ctx)
     print(f"[compare] teacher done ({'resumed: finished earlier' if was_done else 'trained'}): "
           f"{teacher_path}", flush=True)  # fmt: skip
 

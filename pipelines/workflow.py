@@ -16,7 +16,7 @@ import numpy as np
 from absl import logging
 
 from tfkdp.export._atomic import tree_size_bytes, write_json_atomic
-from tfkdp.pipelines import deploy, distributed, validate
+from tfkdp.pipelines import distributed, validate
 from tfkdp.pipelines import report as report_lib
 from tfkdp.pipelines.config import RESUME_DIR, STAGE_FLAGS, STAGES
 from tfkdp.pipelines.context import Context, load_teacher, teacher_path
@@ -27,6 +27,7 @@ from tfkdp.pipelines.deploy import (
     stage_export,
     stage_latency,
     stage_verify,
+    verified_artifacts,
 )
 from tfkdp.pipelines.distributed import TRAINING_STAGES, worker_dir
 from tfkdp.pipelines.state import StageRunner
@@ -34,8 +35,6 @@ from tfkdp.pipelines.state import StageRunner
 # Their former names here, which tests and scripts reach through `workflow`.
 _log_global_batch = distributed.log_global_batch
 _resolve_round_to = validate.resolve_round_to_flag
-_teacher_path = teacher_path
-_restore_rejected = deploy.restore_rejected
 __all__ = [
     "CALIBRATION_SAMPLES", "REJECTED_DIR", "ArtifactsRejectedError", "Context", "budget_of",
     "load_teacher", "preflight", "run", "stage_export", "stage_latency", "stage_verify",
@@ -371,7 +370,7 @@ def stage_report(ctx, work):
         "macs": efficiency(student["macs"], teacher["macs"]),
     }
     artifacts = []
-    for fmt, path in deploy.verified_artifacts(ctx).items():
+    for fmt, path in verified_artifacts(ctx).items():
         checked = verify.get(fmt, {})
         timed = [r for r in latency if r.get("format") == fmt] or [{}]
         size, gz = tree_size_bytes(path), gzip_size_bytes(path)

@@ -20,7 +20,7 @@ import pytest
 from test_pipeline import _values  # tests/ is on sys.path (rootdir-relative, no package)
 
 from tfkdp.export import VerificationError
-from tfkdp.pipelines import workflow
+from tfkdp.pipelines import deploy, workflow
 from tfkdp.pipelines.state import StageRunner
 
 # The module, not `tfkdp.export.verify` the function that the package re-exports.
@@ -176,7 +176,7 @@ def test_unfinished_verify_stage_puts_rejected_artifacts_back(run, tmp_path):
     shutil.copytree(run["out"], out)
     flags = {k: v for k, v in run["values"].items() if k != "output_dir"}
     ctx = types.SimpleNamespace(runner=StageRunner(out, flags, workflow.STAGE_FLAGS))
-    workflow._restore_rejected(ctx)
+    deploy.restore_rejected(ctx)
     artifacts = sorted(os.listdir(os.path.join(out, "export", "artifacts")))
     assert artifacts == ["model.tflite", "model_dynamic.tflite"]
     assert not os.path.exists(os.path.join(out, "export", workflow.REJECTED_DIR))
