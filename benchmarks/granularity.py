@@ -64,8 +64,8 @@ FAMILIES = {
     "mobilenet": ("mobilenet_v2_cifar", {"alpha": 0.5}, "alpha", [0.15, 0.2, 0.25, 0.3, 0.35, 0.4]),
 }  # fmt: skip
 METHODS = ("kd_only", "weight", "channel")
-# Training batches over which a new teacher's batch-norm statistics are re-estimated (as the students').
-TEACHER_RECALIBRATE_BATCHES = 100
+# Training batches over which batch-norm statistics are re-estimated: every student's and a new teacher's.
+RECALIBRATE_BATCHES = 100
 
 
 def _parse():
@@ -101,16 +101,17 @@ def _teacher(family, args):
         model = models.get(name, input_shape=(28, 28, 1), num_classes=10, **kwargs)
         train_data, test = common.datasets(args.batch_size, 0, args.train_subset or None)
         start = time.time()
-        training.train_classifier(model, train_data, test, epochs=args.teacher_epochs,
-                                  learning_rate=0.1, verbose=2)  # fmt: skip
+        history = training.train_classifier(model, train_data, test, epochs=args.teacher_epochs,
+                                            learning_rate=0.1, verbose=2)  # fmt: skip
         seconds = round(time.time() - start, 1)
         # The moving batch-norm statistics lag behind a short run's weights: re-estimate them
-        # before the teacher is kept, as every student is (both accuracies recorded).
-        as_trained = common.test_accuracy(model)
-        recalibrate_batchnorm(model, train_data, TEACHER_RECALIBRATE_BATCHES)
+        # before the teacher is kept, as every student is. The as-trained accuracy is the last
+        # epoch's validation on the test images.
+        as_trained = float(history.history["val_accuracy"][-1])
+        recalibrate_batchnorm(model, train_data, RECALIBRATE_BATCHES)
         return model, {"name": name, "kwargs": kwargs, "train_seconds": seconds,
-                       "test_accuracy_as_trained": as_trained,
-                       "bn_reestimated_batches": TEACHER_RECALIBRATE_BATCHES}  # fmt: skip
+                       "test_accuracy_as_trained": round(as_trained, 4),
+                       "bn_reestimated_batches": RECALIBRATE_BATCHES}  # fmt: skip
 
     return common.kept_or_trained(f"granularity_{name}_e{args.teacher_epochs}_n{args.train_subset}", train)
 
@@ -159,7 +160,7 @@ def _narrow(family, target_params):
 
 
 def _training(args):
-    return Training(learning_rate=args.learning_rate, recalibrate_bn=100, verbose=2)
+    return Training(learning_rate=args.learning_rate, recalibrate_bn=RECALIBRATE_BATCHES, verbose=2)
 
 
 def _run_level(teacher, teacher_row, family, level, seed, args):
