@@ -29,6 +29,15 @@ test accuracy (`--restart` starts over):
 
     flock /tmp/tfkdp-bench.lock .venv/bin/python -m benchmarks.mskd
 
+`--from-recipes` trains nothing: it reads the single-candidate `mskd` rows of
+`benchmarks.recipes` (`mskd_l1`, `mskd_hessian_uniform`, ...: `top_k=1`, one
+criterion and one allocation, at the recipes' protocol target 0.51) of one
+`--seed`, each holding its own zero-shot and short-KD scores and its final test
+accuracy, and reports the same τ over them, with the full `mskd` row's
+selection of that seed (which candidate it picked) beside them:
+
+    .venv/bin/python -m benchmarks.mskd --from-recipes --seed 0
+
 Smoke check (a few minutes; a tiny teacher, not the protocol):
 
     .venv/bin/python -m benchmarks.mskd --teacher-name resnet8 --teacher-width 4 \
@@ -75,6 +84,9 @@ def _parse():
     parser.add_argument("--name", default="mskd", help="results file stem under benchmarks/results")
     parser.add_argument("--restart", action="store_true",
                         help="ignore a previous run's results of the same name and setup")
+    parser.add_argument("--from-recipes", action="store_true",
+                        help="train nothing: τ over the single-candidate mskd rows of "
+                             "benchmarks/results/recipes.json (writes <name>_recipes.*)")
     return parser.parse_args()
 
 
@@ -141,7 +153,21 @@ def _rule_pick(rows, top_k):
     return min(top, key=lambda r: (-r["short_kd_acc"], r["short_kd_kd"]))["id"]
 
 
-def _report(args, teacher_info, selection, rows, wall):
+def candidate_row(candidate):
+    """A table row of one scored candidate of an `mskd` record (both rungs)."""
+    return {
+        "id": candidate["id"], "macs": candidate["macs"], "params": candidate["params"],
+        "zero_shot_acc": candidate["zero_shot"]["val_accuracy"],
+        "zero_shot_kd": candidate["zero_shot"]["val_kd_loss"],
+        "zero_shot_neg_kd": -candidate["zero_shot"]["val_kd_loss"],
+        "short_kd_acc": candidate["short_kd"]["val_accuracy"],
+        "short_kd_kd": candidate["short_kd"]["val_kd_loss"],
+        "short_kd_neg_kd": -candidate["short_kd"]["val_kd_loss"],
+    }  # fmt: skip
+
+
+def summarise(rows, top_k):
+    """`(Kendall τ per rung score, summary)` of candidate rows (those with a test accuracy count)."""
     done = [r for r in rows if r.get("test_accuracy") is not None]
     taus = {
         "zero_shot_val_accuracy": _tau(rows, "zero_shot_acc"),
@@ -149,7 +175,7 @@ def _report(args, teacher_info, selection, rows, wall):
         "short_kd_val_accuracy": _tau(rows, "short_kd_acc"),
         "short_kd_neg_kd_loss": _tau(rows, "short_kd_neg_kd"),
     }
-    pick = _rule_pick(rows, args.top_k)
+    pick = _rule_pick(rows, top_k)
     best = max(done, key=lambda r: r["test_accuracy"]) if done else None
     picked = next((r for r in done if r["id"] == pick), None)
     l1 = next((r for r in done if r["id"] == "l1/global"), None)
@@ -161,6 +187,33 @@ def _report(args, teacher_info, selection, rows, wall):
         "regret": (best["test_accuracy"] - picked["test_accuracy"]) if best and picked else None,
         "l1_global_test_accuracy": l1 and l1["test_accuracy"],
     }
+    return taus, summary
+
+
+def _markdown(rows, taus):
+    """The candidates table and the τ lines."""
+    table_rows = [{
+        "candidate": r["id"], "MACs (M)": round(r["macs"] / 1e6, 3),
+        "zero-shot val acc": round(100 * r["zero_shot_acc"], 2),
+        "zero-shot KD loss": round(r["zero_shot_kd"], 4),
+        "short-KD val acc": round(100 * r["short_kd_acc"], 2),
+        "short-KD KD loss": round(r["short_kd_kd"], 4),
+        "final test acc": "-" if r.get("test_accuracy") is None else round(100 * r["test_accuracy"], 2),
+        "train s": r.get("train_seconds", "-"),
+    } for r in rows]  # fmt: skip
+    tau_lines = [
+        f"- {k}: " + ("n/a (fewer than 3 finished)" if v is None
+                      else f"τ = {v['tau']:.3f} (p = {v['p_value']:.3f}, n = {v['n']})")
+        for k, v in taus.items()
+    ]  # fmt: skip
+    return (common.markdown_table(table_rows, list(table_rows[0]))
+            + "\n\nKendall τ against the final test accuracy:\n\n" + "\n".join(tau_lines))  # fmt: skip
+
+
+def _report(args, teacher_info, selection, rows, wall):
+    done = [r for r in rows if r.get("test_accuracy") is not None]
+    taus, summary = summarise(rows, args.top_k)
+    pick = summary["mskd_rule_pick"]
     setup = {
         "command": _command_line(), "dataset": "Fashion-MNIST (real), test set 10k",
         "train_images": args.train_subset or 60000, "epochs_per_candidate": args.epochs,
@@ -176,20 +229,6 @@ def _report(args, teacher_info, selection, rows, wall):
     results = {"candidates": rows, "kendall_tau": taus, "summary": summary, "setup": setup,
                "selection": {k: selection[k] for k in _SELECTION_KEYS},
                "resume_key": _resume_key(args)}  # fmt: skip
-    table_rows = [{
-        "candidate": r["id"], "MACs (M)": round(r["macs"] / 1e6, 3),
-        "zero-shot val acc": round(100 * r["zero_shot_acc"], 2),
-        "zero-shot KD loss": round(r["zero_shot_kd"], 4),
-        "short-KD val acc": round(100 * r["short_kd_acc"], 2),
-        "short-KD KD loss": round(r["short_kd_kd"], 4),
-        "final test acc": "-" if r.get("test_accuracy") is None else round(100 * r["test_accuracy"], 2),
-        "train s": r.get("train_seconds", "-"),
-    } for r in rows]  # fmt: skip
-    tau_lines = [
-        f"- {k}: " + ("n/a (fewer than 3 finished)" if v is None
-                      else f"τ = {v['tau']:.3f} (p = {v['p_value']:.3f}, n = {v['n']})")
-        for k, v in taus.items()
-    ]  # fmt: skip
     text = (
         "## MS-KD: do the selection rungs predict the final accuracy?\n\n"
         f"Command: `{setup['command']}`. {setup['train_images']} training images, "
@@ -200,8 +239,7 @@ def _report(args, teacher_info, selection, rows, wall):
         f"(test accuracy {100 * teacher_info['test_accuracy']:.2f} %). Validation: "
         f"{selection['val_source']}. Selection over {len(rows)} candidates: "
         f"{selection['selection_seconds']:.0f} s.\n\n"
-        + common.markdown_table(table_rows, list(table_rows[0]))
-        + "\n\nKendall τ against the final test accuracy:\n\n" + "\n".join(tau_lines)
+        + _markdown(rows, taus)
         + f"\n\nmskd's rule (top {args.top_k} by zero-shot, then best short KD) picks "
         f"**{pick}**"
         + (f" ({100 * summary['pick_test_accuracy']:.2f} %; best {summary['best_candidate']} "
@@ -215,8 +253,92 @@ def _report(args, teacher_info, selection, rows, wall):
     print(text, flush=True)
 
 
+def recipes_candidates(recipes, seed):
+    """`(rows, full)` from `benchmarks.recipes` results: one row per single-candidate `mskd` row
+    of `seed` at the default target (its own rung scores, test accuracy and seconds), and the
+    full `mskd` row of that seed (None when absent)."""
+    rows = []
+    for key, seeds in sorted(recipes.get("runs", {}).items()):
+        run = seeds.get(str(seed))
+        if "@" in key or not run or run.get("method") != "mskd":
+            continue
+        options = run["options"]
+        if options["top_k"] != 1 or len(options["criteria"]) * len(options["allocations"]) != 1:
+            continue
+        (candidate,) = run["record"]["mskd"]["candidates"]
+        rows.append({**candidate_row(candidate), "row": key, "test_accuracy": run["test_accuracy"],
+                     "train_seconds": run["train_seconds"]})  # fmt: skip
+    rows.sort(key=lambda r: -r["zero_shot_acc"])
+    return rows, recipes.get("runs", {}).get("mskd", {}).get(str(seed))
+
+
+def from_recipes(args):
+    """Kendall τ over the single-candidate rows of recipes.json; writes `<name>_recipes.*`."""
+    path = os.path.join(common.RESULTS_DIR, "recipes.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: run benchmarks.recipes first")
+    with open(path) as f:
+        recipes = json.load(f)
+    rows, full = recipes_candidates(recipes, args.seed)
+    if not rows:
+        raise ValueError(f"recipes.json has no single-candidate mskd rows of seed {args.seed}")
+    taus, summary = summarise(rows, args.top_k)
+    if full is not None:  # where each trained candidate stood in the full selection of that seed
+        scored = full["record"]["mskd"]["candidates"]
+        order = sorted(scored, key=lambda c: -c["zero_shot"]["val_accuracy"])
+        for row in rows:
+            rank = next((i for i, c in enumerate(order, 1) if c["id"] == row["id"]), None)
+            row["full_zero_shot_rank"] = rank
+        winner = full["record"]["mskd"]["winner"]
+        summary.update(full_mskd_winner=winner, full_mskd_test_accuracy=full["test_accuracy"],
+                       full_mskd_candidates=len(scored),
+                       full_mskd_selection_seconds=full["record"]["mskd"]["selection_seconds"])  # fmt: skip
+    setup = {
+        "command": f".venv/bin/python -m benchmarks.mskd --from-recipes --seed {args.seed}",
+        "source": "benchmarks/results/recipes.json", "recipes_setup": recipes["setup"],
+        "teacher": recipes["teacher"], "seed": args.seed, "top_k_rule": args.top_k,
+    }  # fmt: skip
+    results = {"candidates": rows, "kendall_tau": taus, "summary": summary, "setup": setup}
+    ranks = "\n" + "".join(
+        f"\n- {r['id']} (row `{r['row']}`): zero-shot rank {r['full_zero_shot_rank']} of "
+        f"{summary['full_mskd_candidates']} in the full selection"
+        for r in rows if r.get("full_zero_shot_rank")
+    )  # fmt: skip
+    full_line = (
+        f"The full `mskd` row of seed {args.seed} picked **{summary['full_mskd_winner']}** from "
+        f"{summary['full_mskd_candidates']} candidates ({100 * summary['full_mskd_test_accuracy']:.2f} %"
+        f" after its own training; selection {summary['full_mskd_selection_seconds']:.0f} s)."
+        + ranks if full is not None else "No full `mskd` row of this seed."
+    )  # fmt: skip
+    recipe_setup = recipes["setup"]
+    text = (
+        "## MS-KD: do the selection rungs predict the final accuracy? (recipes rows)\n\n"
+        f"Command: `{setup['command']}` (trains nothing). Each row is a one-candidate `mskd` run "
+        f"of `benchmarks.recipes` (top_k 1: its own zero-shot and short-KD scores, then KD to the "
+        f"end), seed {args.seed}: {recipe_setup['train_images']} training images, "
+        f"{recipe_setup['epochs_per_method']} epochs (short KD included), MAC reduction target "
+        f"{recipe_setup['target_macs_reduction']}, teacher resnet32 "
+        f"({100 * recipes['teacher']['test_accuracy']:.2f} %).\n\n"
+        + _markdown(rows, taus)
+        + f"\n\nmskd's rule (top {args.top_k} by zero-shot, then best short KD) over these "
+        f"{len(rows)} picks **{summary['mskd_rule_pick']}**"
+        + (f" ({100 * summary['pick_test_accuracy']:.2f} %; best {summary['best_candidate']} "
+           f"{100 * summary['best_test_accuracy']:.2f} %, regret "
+           f"{100 * summary['regret']:.2f} points)" if summary["regret"] is not None else "")
+        + f". {full_line}\n"
+    )  # fmt: skip
+    stem = os.path.join(common.RESULTS_DIR, args.name + "_recipes")
+    common.write_json(stem + ".json", results)
+    common.write_text(stem + ".md", text)
+    print(text, flush=True)
+    return results
+
+
 def main():
     args = _parse()
+    if args.from_recipes:
+        from_recipes(args)
+        return
     wall = time.time()
     keras.utils.set_random_seed(args.seed)
     teacher, teacher_info = common.get_teacher(
@@ -238,18 +360,7 @@ def main():
         selector = methods.get("mskd", **_options(args, top_k=n))
         keras.utils.set_random_seed(args.seed)
         selection = selector.select(teacher, copy_model(teacher), train, None, budget)["record"]
-        rows = []
-        for c in selection["candidates"]:
-            if c["duplicate_of"]:
-                continue
-            rows.append({
-                "id": c["id"], "macs": c["macs"], "params": c["params"],
-                "zero_shot_acc": c["zero_shot"]["val_accuracy"],
-                "zero_shot_kd": c["zero_shot"]["val_kd_loss"],
-                "zero_shot_neg_kd": -c["zero_shot"]["val_kd_loss"],
-                "short_kd_acc": c["short_kd"]["val_accuracy"], "short_kd_kd": c["short_kd"]["val_kd_loss"],
-                "short_kd_neg_kd": -c["short_kd"]["val_kd_loss"],
-            })  # fmt: skip
+        rows = [candidate_row(c) for c in selection["candidates"] if not c["duplicate_of"]]
         keras.backend.clear_session()
         _report(args, teacher_info, selection, rows, wall)
 

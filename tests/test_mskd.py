@@ -270,3 +270,48 @@ def test_pipeline_runs_mskd_end_to_end_and_reports_the_candidates(tmp_path, tiny
     assert os.path.exists(os.path.join(out, "mskd_candidates.png"))
     assert report["student"]["macs"] <= 0.52 * report["teacher"]["macs"]
     assert not os.path.exists(os.path.join(out, ".resume", "compress"))  # spent with the stage
+
+
+def _recipes_run(criterion, allocation, zero_shot, short_kd, test_accuracy):
+    """A `benchmarks.recipes` row of a one-candidate mskd run (only the fields the analysis reads)."""
+    candidate = {
+        "id": f"{criterion}/{allocation}", "macs": 100, "params": 10,
+        "zero_shot": {"val_accuracy": zero_shot, "val_kd_loss": 1 - zero_shot},
+        "short_kd": {"val_accuracy": short_kd, "val_kd_loss": 1 - short_kd},
+    }  # fmt: skip
+    options = {"criteria": [criterion], "allocations": [allocation], "top_k": 1}
+    return {"method": "mskd", "options": options, "test_accuracy": test_accuracy,
+            "train_seconds": 1.0, "record": {"mskd": {"candidates": [candidate]}}}  # fmt: skip
+
+
+def test_benchmark_tau_from_recipes_rows_matches_scipy():
+    """`benchmarks.mskd --from-recipes`: only one-candidate mskd rows of the seed at the default
+    target count; τ per rung is scipy's on those rows; the rule's pick is the top-k by zero-shot
+    and then the best short KD."""
+    from scipy import stats
+
+    from benchmarks.mskd import recipes_candidates, summarise
+
+    runs = {
+        "mskd_l1": {"0": _recipes_run("l1", "global", 0.2, 0.80, 0.930)},
+        "mskd_l2_uniform": {"0": _recipes_run("l2", "uniform", 0.4, 0.85, 0.932)},
+        "mskd_taylor": {"0": _recipes_run("taylor", "global", 0.6, 0.90, 0.931),
+                        "1": _recipes_run("taylor", "global", 0.6, 0.90, 0.5)},
+        "mskd_hessian_uniform": {"0": _recipes_run("hessian", "uniform", 0.5, 0.91, 0.934)},
+        "mskd_l1@0.7": {"0": _recipes_run("l1", "global", 0.1, 0.7, 0.9)},  # another target
+        "kdp": {"0": {"method": "kdp", "test_accuracy": 0.93}},
+    }  # fmt: skip
+    rows, full = recipes_candidates({"runs": runs}, seed=0)
+    assert full is None
+    assert [r["id"] for r in rows] == ["taylor/global", "hessian/uniform", "l2/uniform", "l1/global"]
+    taus, summary = summarise(rows, top_k=3)
+    final = [0.931, 0.934, 0.932, 0.930]
+    expected = stats.kendalltau([0.6, 0.5, 0.4, 0.2], final)[0]
+    assert taus["zero_shot_val_accuracy"]["tau"] == pytest.approx(expected)
+    assert taus["short_kd_val_accuracy"]["tau"] == pytest.approx(
+        stats.kendalltau([0.90, 0.91, 0.85, 0.80], final)[0]
+    )
+    assert taus["zero_shot_val_accuracy"]["n"] == 4
+    assert summary["mskd_rule_pick"] == "hessian/uniform"  # best short KD of the top 3 zero-shot
+    assert summary["regret"] == pytest.approx(0.0)
+    assert summary["l1_global_test_accuracy"] == 0.930
