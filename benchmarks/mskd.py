@@ -190,8 +190,8 @@ def summarise(rows, top_k):
     return taus, summary
 
 
-def _markdown(rows, taus):
-    """The candidates table and the τ lines."""
+def _markdown(rows, taus, summary, top_k, scope=""):
+    """The candidates table, the τ lines and the sentence on mskd's rule (`scope`: which rows)."""
     table_rows = [{
         "candidate": r["id"], "MACs (M)": round(r["macs"] / 1e6, 3),
         "zero-shot val acc": round(100 * r["zero_shot_acc"], 2),
@@ -206,14 +206,20 @@ def _markdown(rows, taus):
                       else f"τ = {v['tau']:.3f} (p = {v['p_value']:.3f}, n = {v['n']})")
         for k, v in taus.items()
     ]  # fmt: skip
-    return (common.markdown_table(table_rows, list(table_rows[0]))
-            + "\n\nKendall τ against the final test accuracy:\n\n" + "\n".join(tau_lines))  # fmt: skip
+    return (
+        common.markdown_table(table_rows, list(table_rows[0]))
+        + "\n\nKendall τ against the final test accuracy:\n\n" + "\n".join(tau_lines)
+        + f"\n\nmskd's rule (top {top_k} by zero-shot, then best short KD){scope} picks "
+        f"**{summary['mskd_rule_pick']}**"
+        + (f" ({100 * summary['pick_test_accuracy']:.2f} %; best {summary['best_candidate']} "
+           f"{100 * summary['best_test_accuracy']:.2f} %, regret "
+           f"{100 * summary['regret']:.2f} points)" if summary["regret"] is not None else "")
+    )  # fmt: skip
 
 
 def _report(args, teacher_info, selection, rows, wall):
     done = [r for r in rows if r.get("test_accuracy") is not None]
     taus, summary = summarise(rows, args.top_k)
-    pick = summary["mskd_rule_pick"]
     setup = {
         "command": _command_line(), "dataset": "Fashion-MNIST (real), test set 10k",
         "train_images": args.train_subset or 60000, "epochs_per_candidate": args.epochs,
@@ -239,12 +245,7 @@ def _report(args, teacher_info, selection, rows, wall):
         f"(test accuracy {100 * teacher_info['test_accuracy']:.2f} %). Validation: "
         f"{selection['val_source']}. Selection over {len(rows)} candidates: "
         f"{selection['selection_seconds']:.0f} s.\n\n"
-        + _markdown(rows, taus)
-        + f"\n\nmskd's rule (top {args.top_k} by zero-shot, then best short KD) picks "
-        f"**{pick}**"
-        + (f" ({100 * summary['pick_test_accuracy']:.2f} %; best {summary['best_candidate']} "
-           f"{100 * summary['best_test_accuracy']:.2f} %, regret "
-           f"{100 * summary['regret']:.2f} points)" if summary["regret"] is not None else "")
+        + _markdown(rows, taus, summary, args.top_k)
         + f". {len(done)} of {len(rows)} candidates finished; wall time "
         f"{setup['wall_seconds']:.0f} s.\n"
     )  # fmt: skip
@@ -274,7 +275,8 @@ def recipes_candidates(recipes, seed):
 
 def from_recipes(args):
     """Kendall τ over the single-candidate rows of recipes.json; writes `<name>_recipes.*`."""
-    path = os.path.join(common.RESULTS_DIR, "recipes.json")
+    from benchmarks.recipes import RESULTS as path
+
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: run benchmarks.recipes first")
     with open(path) as f:
@@ -319,12 +321,7 @@ def from_recipes(args):
         f"{recipe_setup['epochs_per_method']} epochs (short KD included), MAC reduction target "
         f"{recipe_setup['target_macs_reduction']}, teacher resnet32 "
         f"({100 * recipes['teacher']['test_accuracy']:.2f} %).\n\n"
-        + _markdown(rows, taus)
-        + f"\n\nmskd's rule (top {args.top_k} by zero-shot, then best short KD) over these "
-        f"{len(rows)} picks **{summary['mskd_rule_pick']}**"
-        + (f" ({100 * summary['pick_test_accuracy']:.2f} %; best {summary['best_candidate']} "
-           f"{100 * summary['best_test_accuracy']:.2f} %, regret "
-           f"{100 * summary['regret']:.2f} points)" if summary["regret"] is not None else "")
+        + _markdown(rows, taus, summary, args.top_k, scope=f" over these {len(rows)}")
         + f". {full_line}\n"
     )  # fmt: skip
     stem = os.path.join(common.RESULTS_DIR, args.name + "_recipes")

@@ -54,16 +54,19 @@ VAL_IMAGES = 5000
 NEEDS_VALIDATION = ("ddsl", "cascade")  # mskd carves its own held-out batches from the training data
 
 
+# Single MS-KD candidates trained to the end, for the Kendall τ between its selection rungs and
+# the final accuracy (`benchmarks.mskd --from-recipes`): mskd's seed-0 winner (hessian/uniform),
+# another of its top 3 (taylor/global) and one it ranked below them.
+MSKD_CANDIDATES = {
+    f"mskd_{c}" + ("" if a == "global" else f"_{a}"): (
+        "mskd", {"criteria": [c], "allocations": [a], "top_k": 1})
+    for c, a in (("hessian", "uniform"), ("taylor", "global"), ("l2", "uniform"))
+}  # fmt: skip
 # Rows that are a registered method with other options: {row name: (method, options)}.
 VARIANTS = {
     # MS-KD's baseline: KD of the plain L1 candidate, same step budget, no selection.
     "mskd_l1": ("mskd", {"criteria": ["l1"], "allocations": ["global"], "top_k": 1}),
-    # More single candidates trained to the end, for the Kendall τ between MS-KD's selection
-    # rungs and the final accuracy (`benchmarks.mskd --from-recipes`): mskd's seed-0 winner
-    # (hessian/uniform), another of its top 3 (taylor/global) and one it ranked below them.
-    **{f"mskd_{c}" + ("" if a == "global" else f"_{a}"): (
-        "mskd", {"criteria": [c], "allocations": [a], "top_k": 1})
-       for c, a in (("hessian", "uniform"), ("taylor", "global"), ("l2", "uniform"))},
+    **MSKD_CANDIDATES,
     # KDP with its penalty before issue 18: per-group normalisation, ρ 0.001 → 0.05 (ddsl's).
     "kdp_group": ("kdp", {"normalize": True, "rho_initial": 1e-3, "rho_final": 0.05}),
     # PDC with C-SGD's constant ε = 3e-3 instead of epsilon="auto" (sized to the phase).
@@ -76,8 +79,7 @@ VARIANTS = {
 # Rows that diagnose a setting that is no longer a default, or that measure MS-KD's selection
 # (single candidates other than the baseline mskd_l1): in the table, not in the plot (a 75 %
 # diagnosis would squash the comparison of the rows near 93 %).
-DIAGNOSES = ("pdc_eps0.003", "pdc_auto_bn0.1", "kdp_group", "mskd_hessian_uniform",
-             "mskd_taylor", "mskd_l2_uniform")  # fmt: skip
+DIAGNOSES = ("pdc_eps0.003", "pdc_auto_bn0.1", "kdp_group", *MSKD_CANDIDATES)
 # Methods that train all epochs in their first phase (no separate fine-tune phase).
 ONE_PHASE = ("pdc", "mskd")
 
