@@ -9,7 +9,8 @@ One protocol for every recipe, so one table compares them all:
   another machine (93.27 % instead of 93.47 %), so every row records its
   teacher's test accuracy (the table's `teacher acc` column);
 - budget: 51 % MAC reduction (`make_plan` lands within 2 % of it; the KDP
-  table's target);
+  table's target); `weight`, which removes no channels, sets that share of
+  its prunable weights to zero instead (the `non-zero` column);
 - the same total number of epochs for every method (4 by default: e.g. kdp's
   2 ADMM + 2 fine-tune; a method's own phases share those 4);
 - all 60 k training images (augmented), batch 128, peak LR 0.05;
@@ -97,11 +98,21 @@ def method_of(row):
     return VARIANTS.get(row, (row, {}))
 
 
-def method_options(row, epochs, learning_rate):
-    """The options of the row `row` under the protocol (`epochs` in total)."""
+def method_options(row, epochs, learning_rate, target=DEFAULT_TARGET):
+    """The options of the row `row` under the protocol (`epochs` in total, `target` the reduction).
+
+    `weight` takes no MAC budget: its row sets the share `target` of the prunable weights to
+    zero (about the non-zero parameter count of the narrow kd_only student), with the
+    pipeline's epoch split (`--compress_epochs` = half the epochs: 1 KD, 1 pruning with KD;
+    the rest a KD fine-tune).
+    """
     name, extra = method_of(row)
     training = Training(learning_rate=learning_rate, verbose=2)
     first = epochs if name in ONE_PHASE else epochs // 2
+    if name == "weight":
+        flags = {"compress_epochs": first, "finetune_epochs": epochs - first,
+                 "weight_order": "sequential", "target_sparsity": target}  # fmt: skip
+        return {**methods.get_class(name).pipeline_options(flags, training), **extra}
     options = {"admm_epochs": first, "finetune_epochs": epochs - first, "training": training}
     if name == "ddsl":
         options["dean_every"] = 10
@@ -163,7 +174,8 @@ def run_one(row, teacher, args, seed, teacher_accuracy):
     name = method_of(row)[0]
     train, _ = common.datasets(args.batch_size, seed, args.train_subset or None)
     val = _validation(args.batch_size, args.train_subset) if name in NEEDS_VALIDATION else None
-    method = methods.get(name, **method_options(row, args.epochs, args.learning_rate))
+    options = method_options(row, args.epochs, args.learning_rate, args.target)
+    method = methods.get(name, **options)
     budget = methods.Budget.macs(args.target) if method.prunes else None
     start = time.time()
     result = method.compress(teacher, None, train, val, budget)
@@ -220,7 +232,8 @@ def table(results):
         rows.append({
             "method": "teacher (resnet32)", "test acc (mean)": round(100 * teacher["test_accuracy"], 2),
             "per seed": "-", "MACs (M)": round(teacher["macs"] / 1e6, 2), "MAC reduction": 0.0,
-            "params (k)": round(teacher["params"] / 1e3, 1), "train s (mean)": "-", "source": "-",
+            "params (k)": round(teacher["params"] / 1e3, 1),
+            "non-zero (k)": round(teacher["params"] / 1e3, 1), "train s (mean)": "-", "source": "-",
             "teacher acc": "-",
         })  # fmt: skip
     earlier = [(n, {**kdp_table[n], "teacher_test_accuracy": [kdp_table["teacher"]["test_accuracy"]]},
@@ -231,7 +244,9 @@ def table(results):
             "method": name, "test acc (mean)": round(100 * r["test_accuracy_mean"], 2),
             "per seed": " / ".join(f"{100 * a:.2f}" for a in r["test_accuracy_per_seed"]),
             "MACs (M)": round(r["macs"] / 1e6, 2), "MAC reduction": round(r["macs_reduction"], 3),
-            "params (k)": round(r["params"] / 1e3, 1), "train s (mean)": r["train_seconds_mean"],
+            "params (k)": round(r["params"] / 1e3, 1),
+            "non-zero (k)": round(r.get("nonzero_params", r["params"]) / 1e3, 1),
+            "train s (mean)": r["train_seconds_mean"],
             "source": source,
             "teacher acc": " / ".join(f"{100 * a:.2f}" for a in r["teacher_test_accuracy"]),
         })  # fmt: skip

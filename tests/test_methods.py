@@ -118,3 +118,20 @@ def test_kdp_record_is_json_and_names_what_the_recipe_decided():
     assert record["admm_final_penalty"] >= 0.0
     assert set(result.history) == {"admm", "finetune"}
     keras.backend.clear_session()
+
+
+def test_recipes_benchmark_builds_every_registered_method_and_row_under_its_protocol():
+    """`benchmarks.recipes` gives every registered method (and every row variant) options it
+    accepts, with the protocol's epochs in total; `weight` prunes to the target as a sparsity."""
+    from benchmarks import recipes
+
+    for row in [*methods.names(), *recipes.VARIANTS]:
+        options = recipes.method_options(row, 4, 0.05, 0.6)
+        method = methods.get(recipes.method_of(row)[0], **options)
+        config = method.get_config()
+        epochs = {k: config[k] for k in config if k.endswith("epochs") and config[k] is not None}
+        assert sum(epochs.values()) == 4, (row, epochs)
+        assert config["training"]["learning_rate"] == 0.05
+    weight = methods.get("weight", **recipes.method_options("weight", 4, 0.05, 0.6))
+    assert weight.target_sparsity == 0.6 and not weight.prunes
+    assert (weight.kd_epochs, weight.prune_epochs, weight.finetune_epochs) == (1, 1, 2)
