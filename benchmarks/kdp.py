@@ -76,7 +76,7 @@ def _evaluate(model):
     }
 
 
-def _narrow_resnet(depth, target_macs, max_width):
+def narrow_resnet(depth, target_macs, max_width):
     """The resnet of this depth whose MACs are closest to `target_macs` (width search)."""
     best = None
     for width in range(4, max_width + 1):
@@ -179,7 +179,7 @@ def main():
     # (c)'s dense student: the resnet32 width whose MACs are closest to the pruned model's,
     # known before training because make_plan's cost model is exact.
     plan = pruner.make_plan(teacher, target_macs_reduction=args.target)
-    width, _ = _narrow_resnet(32, pruner.plan_macs(teacher, plan), 16)
+    width, _ = narrow_resnet(32, pruner.plan_macs(teacher, plan), 16)
 
     # Step time first (the keep counts are the plan's), so that every seed's results can be
     # written as soon as it finishes: a long run stopped early keeps its finished seeds.

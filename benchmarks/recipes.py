@@ -10,7 +10,9 @@ One protocol for every recipe, so one table compares them all:
   teacher's test accuracy (the table's `teacher acc` column);
 - budget: 51 % MAC reduction (`make_plan` lands within 2 % of it; the KDP
   table's target); `weight`, which removes no channels, sets that share of
-  its prunable weights to zero instead (the `non-zero` column);
+  its prunable weights to zero instead (the `non-zero` column), and `kd_only`
+  distils the dense resnet32 whose width gives the MACs closest to the budget
+  (the KDP table's baseline, `kd_only_student`);
 - the same total number of epochs for every method (4 by default: e.g. kdp's
   2 ADMM + 2 fine-tune; a method's own phases share those 4);
 - all 60 k training images (augmented), batch 128, peak LR 0.05;
@@ -45,7 +47,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from tfkdp import data, methods, metrics  # noqa: E402
+from benchmarks import kdp as kdp_benchmark  # noqa: E402
+from tfkdp import data, methods, metrics, models  # noqa: E402
 from tfkdp.train.phases import Training  # noqa: E402
 
 RESULTS = os.path.join(common.RESULTS_DIR, "recipes.json")
@@ -121,6 +124,13 @@ def method_options(row, epochs, learning_rate, target=DEFAULT_TARGET):
     return {**options, **extra}
 
 
+def kd_only_student(teacher_macs, target):
+    """kd_only's dense student (the KDP table's): the resnet32 whose width gives the MACs
+    closest to the budget's, `(1 - target) * teacher_macs`."""
+    width, _ = kdp_benchmark.narrow_resnet(32, (1.0 - target) * teacher_macs, 16)
+    return models.resnet_cifar(32, width=width)
+
+
 def _parse():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", nargs="+", default=[],
@@ -177,10 +187,11 @@ def run_one(row, teacher, args, seed, teacher_accuracy):
     options = method_options(row, args.epochs, args.learning_rate, args.target)
     method = methods.get(name, **options)
     budget = methods.Budget.macs(args.target) if method.prunes else None
-    start = time.time()
-    result = method.compress(teacher, None, train, val, budget)
-    seconds = time.time() - start
     teacher_macs = metrics.count_macs(teacher)
+    student = kd_only_student(teacher_macs, args.target) if name == "kd_only" else None
+    start = time.time()
+    result = method.compress(teacher, student, train, val, budget)
+    seconds = time.time() - start
     row = {
         "test_accuracy": common.test_accuracy(result.model),
         "macs": metrics.count_macs(result.model),

@@ -135,3 +135,16 @@ def test_recipes_benchmark_builds_every_registered_method_and_row_under_its_prot
     weight = methods.get("weight", **recipes.method_options("weight", 4, 0.05, 0.6))
     assert weight.target_sparsity == 0.6 and not weight.prunes
     assert (weight.kd_epochs, weight.prune_epochs, weight.finetune_epochs) == (1, 1, 2)
+
+
+def test_recipes_kd_only_student_is_the_resnet32_width_closest_to_the_budget():
+    from benchmarks import recipes
+    from tfkdp import metrics
+
+    teacher_macs = metrics.count_macs(models.resnet_cifar(32, width=16))
+    student = recipes.kd_only_student(teacher_macs, 0.51)
+    budget = 0.49 * teacher_macs
+    width = student.get_layer(index=1).filters  # the stem conv: the network's width
+    gaps = {w: abs(metrics.count_macs(models.resnet_cifar(32, width=w)) - budget) for w in (10, 11, 12)}
+    assert abs(metrics.count_macs(student) - budget) == min(gaps.values())
+    assert width == min(gaps, key=gaps.get)
