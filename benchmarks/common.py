@@ -136,6 +136,17 @@ def get_teacher(name="resnet32", epochs=4, width=16, seed=0, learning_rate=0.1, 
     return kept_or_trained(stem, train)
 
 
+def narrow_resnet(depth, target_macs, max_width):
+    """The resnet of this depth whose MACs are closest to `target_macs` (width search)."""
+    best = None
+    for width in range(4, max_width + 1):
+        macs = metrics.count_macs(models.resnet_cifar(depth, width=width))
+        if best is None or abs(macs - target_macs) < abs(best[1] - target_macs):
+            best = (width, macs)
+    keras.backend.clear_session()
+    return best
+
+
 def timed_step_ends(model, data, steps, warmup):
     """`time.perf_counter()` at the end of each timed `model.fit` step, from the last warm-up one.
 

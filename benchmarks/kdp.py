@@ -76,17 +76,6 @@ def _evaluate(model):
     }
 
 
-def narrow_resnet(depth, target_macs, max_width):
-    """The resnet of this depth whose MACs are closest to `target_macs` (width search)."""
-    best = None
-    for width in range(4, max_width + 1):
-        macs = metrics.count_macs(models.resnet_cifar(depth, width=width))
-        if best is None or abs(macs - target_macs) < abs(best[1] - target_macs):
-            best = (width, macs)
-    keras.backend.clear_session()
-    return best
-
-
 def _step_time_ratio(teacher, keep, train, steps, rounds, learning_rate):
     """Median step time of the Distiller with the ADMM term over the one without."""
     batches = list(train.take(steps))
@@ -179,7 +168,7 @@ def main():
     # (c)'s dense student: the resnet32 width whose MACs are closest to the pruned model's,
     # known before training because make_plan's cost model is exact.
     plan = pruner.make_plan(teacher, target_macs_reduction=args.target)
-    width, _ = narrow_resnet(32, pruner.plan_macs(teacher, plan), 16)
+    width, _ = common.narrow_resnet(32, pruner.plan_macs(teacher, plan), 16)
 
     # Step time first (the keep counts are the plan's), so that every seed's results can be
     # written as soon as it finishes: a long run stopped early keeps its finished seeds.

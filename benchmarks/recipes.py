@@ -47,7 +47,6 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from benchmarks import kdp as kdp_benchmark  # noqa: E402
 from tfkdp import data, methods, metrics, models  # noqa: E402
 from tfkdp.train.phases import Training  # noqa: E402
 
@@ -127,7 +126,7 @@ def method_options(row, epochs, learning_rate, target=DEFAULT_TARGET):
 def kd_only_student(teacher_macs, target):
     """kd_only's dense student (the KDP table's): the resnet32 whose width gives the MACs
     closest to the budget's, `(1 - target) * teacher_macs`."""
-    width, _ = kdp_benchmark.narrow_resnet(32, (1.0 - target) * teacher_macs, 16)
+    width, _ = common.narrow_resnet(32, (1.0 - target) * teacher_macs, 16)
     return models.resnet_cifar(32, width=width)
 
 
