@@ -263,6 +263,66 @@ def table(results):
     return common.markdown_table(rows, list(rows[0])) if rows else ""
 
 
+def _split_key(key):
+    """`(row, target)` of a results key (`row_key`'s inverse)."""
+    row, _, target = key.partition("@")
+    return row, float(target) if target else DEFAULT_TARGET
+
+
+def cascade_table(results):
+    """Cascade's chain, per run, and what its teaching assistants buy at each target.
+
+    The first table has one line per cascade run (any target): test accuracy, MACs, the
+    stage-1 step time and its ratio to a stage-2 step, every model's validation accuracy
+    after stage 1 (batch norm re-estimated), the overlap of consecutive masks at the end of
+    stage 1, and the stage-2 teacher swaps. The second has one line per target: the mean test
+    accuracy of cascade with 0, 1 and 2 TAs and of kdp at that target, and the gain of each
+    TA count over none (the paper's claim: TAs help more at the higher ratio). Returns ""
+    when no cascade row was run.
+    """
+    runs = results.get("runs", {})
+    keys = sorted((k for k in runs if method_of(_split_key(k)[0])[0] == "cascade"),
+                  key=lambda k: (_split_key(k)[1], k))  # fmt: skip
+    if not keys:
+        return ""
+    lines = []
+    for key in keys:
+        for seed in sorted(runs[key], key=int):
+            run, record = runs[key][seed], runs[key][seed]["record"]
+            models = record.get("models", [])
+            overlap = (record.get("mask_overlap") or [[]])[-1]
+            lines.append({
+                "row": key, "seed": int(seed), "test acc %": round(100 * run["test_accuracy"], 2),
+                "MACs (M)": round(run["macs"] / 1e6, 2),
+                "stage-1 s/step": round(record.get("stage1_seconds_per_step") or 0.0, 2),
+                "step ratio": round(record.get("step_time_ratio") or 0.0, 2),
+                "val acc after stage 1 (student → top)": " / ".join(
+                    f"{100 * m.get('val_accuracy_recalibrated', m['val_accuracy']):.2f}"
+                    for m in models),
+                "mask overlap": " / ".join(f"{o:.3f}" for o in overlap) or "-",
+                "swaps": len(record.get("swaps") or []), "train s": run["train_seconds"],
+            })  # fmt: skip
+    text = common.markdown_table(lines, list(lines[0]))
+    summary = summarise(results)
+    gains = []
+    for target in sorted({_split_key(k)[1] for k in keys}):
+        mean = {}
+        for row in ("cascade_ta0", "cascade_ta1", "cascade_ta2", "kdp"):
+            key = row_key(row, target)
+            if key in summary:
+                mean[row] = (100 * summary[key]["test_accuracy_mean"], len(summary[key]["seeds"]))
+        line = {"target": target}
+        for row in ("cascade_ta0", "cascade_ta1", "cascade_ta2", "kdp"):
+            line[row] = f"{mean[row][0]:.2f} ({mean[row][1]})" if row in mean else "-"
+        for row in ("cascade_ta1", "cascade_ta2"):
+            both = row in mean and "cascade_ta0" in mean
+            line[f"{row[-3:]} − ta0"] = f"{mean[row][0] - mean['cascade_ta0'][0]:+.2f}" if both else "-"
+        gains.append(line)
+    text += ("\n\nMean test accuracy % (seeds) per target, and what the TAs add over none:\n\n"
+             + common.markdown_table(gains, list(gains[0])))  # fmt: skip
+    return text
+
+
 def pareto(results):
     """`recipes_pareto.png`: test accuracy vs MACs of every row but `DIAGNOSES` (error bars: seeds)."""
     from tfkdp.pipelines import comparison
@@ -347,6 +407,9 @@ def write_outputs(results):
         "teacher a row distilled from (the same recipe, trained on different machines).\n\n"
         f"{table(results)}\n"
     )
+    chain = cascade_table(results)
+    if chain:
+        text += f"\n### Cascade's chain (every cascade run)\n\n{chain}\n"
     common.write_text(TABLE, text)
     pareto(results)
     return text

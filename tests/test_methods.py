@@ -148,3 +148,35 @@ def test_recipes_kd_only_student_is_the_resnet32_width_closest_to_the_budget():
     gaps = {w: abs(metrics.count_macs(models.resnet_cifar(32, width=w)) - budget) for w in (10, 11, 12)}
     assert abs(metrics.count_macs(student) - budget) == min(gaps.values())
     assert width == min(gaps, key=gaps.get)
+
+
+def test_recipes_cascade_table_gives_each_run_and_the_gain_of_the_tas_per_target():
+    """The cascade section of `recipes.md`: one line per cascade run at any target, and per
+    target the seed-mean accuracy of 0/1/2 TAs and kdp with the TAs' gain over none."""
+    from benchmarks import recipes
+
+    def run(acc, swaps=0):
+        models = [{"name": "student", "level": 0.5, "macs": 1, "params": 1, "val_accuracy": 0.9,
+                   "val_accuracy_recalibrated": 0.91},
+                  {"name": "full", "level": 0.0, "macs": 2, "params": 2, "val_accuracy": 0.95}]  # fmt: skip
+        record = {"models": models, "mask_overlap": [[0.5], [0.875]], "swaps": [{}] * swaps,
+                  "stage1_seconds_per_step": 1.5, "step_time_ratio": 2.0}  # fmt: skip
+        return {"test_accuracy": acc, "macs": 25e6, "params": 1, "nonzero_params": 1,
+                "train_seconds": 10.0, "teacher_test_accuracy": 0.93, "macs_reduction": 0.5,
+                "record": record}  # fmt: skip
+
+    results = {"runs": {
+        "cascade_ta0": {"0": run(0.930), "1": run(0.932)},
+        "cascade_ta1": {"0": run(0.933, swaps=1)},
+        "cascade_ta0@0.7": {"0": run(0.900)},
+        "cascade_ta2@0.7": {"0": run(0.910), "1": run(0.914)},
+        "kdp@0.7": {"0": {**run(0.905), "record": {}}},
+        "pdc": {"0": {**run(0.95), "record": {}}},
+    }}  # fmt: skip
+    text = recipes.cascade_table(results)
+    runs, gains = text.split("Mean test accuracy")
+    assert runs.count("| cascade_ta") == 6 and "pdc" not in runs and "| kdp" not in runs
+    assert "| cascade_ta1 | 0 | 93.3 | 25 | 1.5 | 2 | 91.00 / 95.00 | 0.875 | 1 |" in runs
+    assert "| 0.51 | 93.10 (2) | 93.30 (1) | - | - | +0.20 | - |" in gains
+    assert "| 0.7 | 90.00 (1) | - | 91.20 (2) | 90.50 (1) | - | +1.20 |" in gains
+    assert recipes.cascade_table({"runs": {"pdc": results["runs"]["pdc"]}}) == ""
