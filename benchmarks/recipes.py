@@ -65,6 +65,8 @@ MSKD_CANDIDATES = {
         "mskd", {"criteria": [c], "allocations": [a], "top_k": 1})
     for c, a in (("hessian", "uniform"), ("taylor", "global"), ("l2", "uniform"))
 }  # fmt: skip
+# Cascade with 0, 1 and 2 teaching assistants: {row name: number of TAs}.
+CASCADE_ROWS = {f"cascade_ta{k}": k for k in (0, 1, 2)}
 # Rows that are a registered method with other options: {row name: (method, options)}.
 VARIANTS = {
     # MS-KD's baseline: KD of the plain L1 candidate, same step budget, no selection.
@@ -76,8 +78,7 @@ VARIANTS = {
     "pdc_eps0.003": ("pdc", {"epsilon": 3e-3}),
     # PDC with epsilon="auto" but C-SGD's weaker batch-norm pull (the default before session 7's fix).
     "pdc_auto_bn0.1": ("pdc", {"bn_factor": 0.1}),
-    # Cascade with 0, 1 and 2 teaching assistants.
-    **{f"cascade_ta{k}": ("cascade", {"num_tas": k}) for k in (0, 1, 2)},
+    **{row: ("cascade", {"num_tas": k}) for row, k in CASCADE_ROWS.items()},
 }
 # Rows that diagnose a setting that is no longer a default, or that measure MS-KD's selection
 # (single candidates other than the baseline mskd_l1): in the table, not in the plot (a 75 %
@@ -305,18 +306,17 @@ def cascade_table(results):
     text = common.markdown_table(lines, list(lines[0]))
     summary = summarise(results)
     gains = []
+    none, *with_tas = CASCADE_ROWS
     for target in sorted({_split_key(k)[1] for k in keys}):
-        mean = {}
-        for row in ("cascade_ta0", "cascade_ta1", "cascade_ta2", "kdp"):
-            key = row_key(row, target)
-            if key in summary:
-                mean[row] = (100 * summary[key]["test_accuracy_mean"], len(summary[key]["seeds"]))
-        line = {"target": target}
-        for row in ("cascade_ta0", "cascade_ta1", "cascade_ta2", "kdp"):
-            line[row] = f"{mean[row][0]:.2f} ({mean[row][1]})" if row in mean else "-"
-        for row in ("cascade_ta1", "cascade_ta2"):
-            both = row in mean and "cascade_ta0" in mean
-            line[f"{row[-3:]} − ta0"] = f"{mean[row][0] - mean['cascade_ta0'][0]:+.2f}" if both else "-"
+        line, mean = {"target": target}, {}
+        for row in (*CASCADE_ROWS, "kdp"):
+            entry = summary.get(row_key(row, target))
+            if entry:
+                mean[row] = 100 * entry["test_accuracy_mean"]
+            line[row] = f"{mean[row]:.2f} ({len(entry['seeds'])})" if entry else "-"
+        for row in with_tas:
+            both = row in mean and none in mean
+            line[f"{row[-3:]} − ta0"] = f"{mean[row] - mean[none]:+.2f}" if both else "-"
         gains.append(line)
     text += ("\n\nMean test accuracy % (seeds) per target, and what the TAs add over none:\n\n"
              + common.markdown_table(gains, list(gains[0])))  # fmt: skip
