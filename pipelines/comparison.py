@@ -245,6 +245,18 @@ def markdown(comparison):
     return "\n".join(lines)
 
 
+def row_colors(count):
+    """`count` distinct RGBA colours: tab10's up to 10 rows, tab20's up to 20, then they repeat.
+
+    Matplotlib's default cycle has 10 colours, so an 11th row would share the
+    first one's colour in the legend.
+    """
+    import matplotlib
+
+    palette = matplotlib.colormaps["tab10" if count <= 10 else "tab20"]
+    return [palette(index % palette.N) for index in range(count)]
+
+
 def pareto_plot(comparison, x_key, x_label, title, path, teacher_x, scale=1.0):
     """Accuracy against `x_key` for every ok row (seeds' spread as error bars), the teacher a star.
 
@@ -259,14 +271,15 @@ def pareto_plot(comparison, x_key, x_label, title, path, teacher_x, scale=1.0):
                      color="black", label="teacher", zorder=3)  # fmt: skip
         axis.annotate("teacher", (teacher_x * scale, teacher["accuracy"] * 100),
                       textcoords="offset points", xytext=(6, -10), fontsize=7)  # fmt: skip
-    for row in comparison["rows"]:
-        if row["status"] != "ok" or row.get(x_key) is None or row["test_accuracy"] is None:
-            continue
+    rows = [row for row in comparison["rows"]
+            if row["status"] == "ok" and row.get(x_key) is not None and row["test_accuracy"] is not None]  # fmt: skip
+    for row, color in zip(rows, row_colors(len(rows)), strict=True):
         x, y = row[x_key] * scale, row["test_accuracy"] * 100
         yerr = 100 * row["test_accuracy_std"] if row["runs_ok"] > 1 else None
         xerr = row.get("litert_p50_ms_std") if x_key == "litert_p50_ms" and row["runs_ok"] > 1 else None
         marker = "D" if row["method"] == comparison["best"] else "o"
-        axis.errorbar(x, y, yerr=yerr, xerr=xerr, fmt=marker, capsize=3, label=row["method"])
+        axis.errorbar(x, y, yerr=yerr, xerr=xerr, fmt=marker, capsize=3, color=color,
+                      label=row["method"])  # fmt: skip
         axis.annotate(row["method"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
     axis.set_xlabel(x_label)
     axis.set_ylabel("test accuracy (%)")

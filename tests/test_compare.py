@@ -10,7 +10,7 @@ from absl import flags as absl_flags
 from test_pipeline import _tiny_npz, _values  # tests/ is on sys.path (rootdir-relative, no package)
 
 from tfkdp import methods
-from tfkdp.pipelines import compare, workflow
+from tfkdp.pipelines import compare, comparison, workflow
 
 ROW_FIELDS = {
     "method", "test_accuracy", "macs", "params", "nonzero_params", "size_bytes", "gzip_bytes",
@@ -224,3 +224,10 @@ def test_seeds_are_aggregated_and_the_best_follows_the_stated_rule():
     assert "| a **(best)** | 91.00 ± 1.41 |" in text and "| d | failed |" in text
     assert "| e | not run yet |" in text
     assert "ValueError: unreachable" in text
+
+
+@pytest.mark.parametrize("count", [3, 10, 11, 20])
+def test_pareto_rows_get_distinct_colours_up_to_twenty(count):
+    colours = comparison.row_colors(count)
+    assert len(colours) == count
+    assert len(set(colours)) == count  # matplotlib's default cycle repeats after 10
