@@ -293,10 +293,10 @@ def cascade_table(results):
             models = record.get("models", [])
             overlap = (record.get("mask_overlap") or [[]])[-1]
             lines.append({
-                "row": key, "seed": int(seed), "test acc %": round(100 * run["test_accuracy"], 2),
-                "MACs (M)": round(run["macs"] / 1e6, 2),
-                "stage-1 s/step": round(record.get("stage1_seconds_per_step") or 0.0, 2),
-                "step ratio": round(record.get("step_time_ratio") or 0.0, 2),
+                "row": key, "seed": int(seed), "test acc %": f"{100 * run['test_accuracy']:.2f}",
+                "MACs (M)": f"{run['macs'] / 1e6:.2f}",
+                "stage-1 s/step": f"{record.get('stage1_seconds_per_step') or 0.0:.2f}",
+                "step ratio": f"{record.get('step_time_ratio') or 0.0:.2f}",
                 "val acc after stage 1 (student → top)": " / ".join(
                     f"{100 * m.get('val_accuracy_recalibrated', m['val_accuracy']):.2f}"
                     for m in models),

@@ -176,7 +176,7 @@ def test_recipes_cascade_table_gives_each_run_and_the_gain_of_the_tas_per_target
     text = recipes.cascade_table(results)
     runs, gains = text.split("Mean test accuracy")
     assert runs.count("| cascade_ta") == 6 and "pdc" not in runs and "| kdp" not in runs
-    assert "| cascade_ta1 | 0 | 93.3 | 25 | 1.5 | 2 | 91.00 / 95.00 | 0.875 | 1 |" in runs
+    assert "| cascade_ta1 | 0 | 93.30 | 25.00 | 1.50 | 2.00 | 91.00 / 95.00 | 0.875 | 1 |" in runs
     assert "| 0.51 | 93.10 (2) | 93.30 (1) | - | - | +0.20 | - |" in gains
     assert "| 0.7 | 90.00 (1) | - | 91.20 (2) | 90.50 (1) | - | +1.20 |" in gains
     assert recipes.cascade_table({"runs": {"pdc": results["runs"]["pdc"]}}) == ""
