@@ -216,19 +216,23 @@ def _load(path):
 
 
 def summarise(results):
-    """`{method: mean/per-seed summary}` of the stored runs."""
+    """`{method: mean/per-seed summary}` of the stored runs.
+
+    Size (MACs, parameters, MAC reduction) is the mean over the seeds too: a method whose masks
+    move during training (cascade) can end a few channels apart from one seed to the next.
+    """
     summary = {}
     for name, runs in results.get("runs", {}).items():
         seeds = sorted(runs, key=int)
         accs = [runs[s]["test_accuracy"] for s in seeds]
-        first = runs[seeds[0]]
         summary[name] = {
             "test_accuracy_mean": statistics.fmean(accs),
             "test_accuracy_per_seed": accs,
             "seeds": [int(s) for s in seeds],
             "train_seconds_mean": round(statistics.fmean(runs[s]["train_seconds"] for s in seeds), 1),
             "teacher_test_accuracy": sorted({runs[s]["teacher_test_accuracy"] for s in seeds}),
-            **{k: first[k] for k in ("macs", "params", "nonzero_params", "macs_reduction")},
+            **{k: statistics.fmean(runs[s][k] for s in seeds)
+               for k in ("macs", "params", "nonzero_params", "macs_reduction")},
         }
     return summary
 

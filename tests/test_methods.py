@@ -150,6 +150,25 @@ def test_recipes_kd_only_student_is_the_resnet32_width_closest_to_the_budget():
     assert width == min(gaps, key=gaps.get)
 
 
+def test_recipes_summary_averages_accuracy_and_size_over_seeds():
+    """A row's summary is the mean over its seeds, its size included: cascade's masks move
+    during training, so two seeds can end at different MAC counts."""
+    from benchmarks import recipes
+
+    def run(acc, macs, params):
+        return {"test_accuracy": acc, "macs": macs, "params": params, "nonzero_params": params,
+                "train_seconds": 10.0, "teacher_test_accuracy": 0.93,
+                "macs_reduction": 1.0 - macs / 100.0}  # fmt: skip
+
+    summary = recipes.summarise({"runs": {"cascade_ta1@0.7": {"1": run(0.93, 30.0, 7), "0": run(0.92, 31.0, 9)}}})
+    row = summary["cascade_ta1@0.7"]
+    assert row["seeds"] == [0, 1] and row["test_accuracy_per_seed"] == [0.92, 0.93]
+    assert row["test_accuracy_mean"] == pytest.approx(0.925)
+    assert row["macs"] == pytest.approx(30.5) and row["params"] == pytest.approx(8.0)
+    assert row["nonzero_params"] == pytest.approx(8.0)
+    assert row["macs_reduction"] == pytest.approx(0.695)
+
+
 def test_recipes_cascade_table_gives_each_run_and_the_gain_of_the_tas_per_target():
     """The cascade section of `recipes.md`: one line per cascade run at any target, and per
     target the seed-mean accuracy of 0/1/2 TAs and kdp with the TAs' gain over none."""
