@@ -47,7 +47,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from tfkdp import data, methods, metrics, models  # noqa: E402
+from tfkdp import data, methods, metrics, models, onednn  # noqa: E402
 from tfkdp.train.phases import Training  # noqa: E402
 
 RESULTS = os.path.join(common.RESULTS_DIR, "recipes.json")
@@ -202,6 +202,7 @@ def run_one(row, teacher, args, seed, teacher_accuracy):
         "method": name,
         "options": {k: v for k, v in method.get_config().items() if k != "training"},
         "record": _jsonable({k: v for k, v in result.record.items() if k != "channels"}),
+        "onednn_active": onednn.onednn_active(),
     }
     row["macs_reduction"] = 1.0 - row["macs"] / teacher_macs
     keras.backend.clear_session()
@@ -359,6 +360,10 @@ def main():
     if args.table_only:
         print(write_outputs(_load(RESULTS)), flush=True)
         return
+    # As tfkdp's own entry points do: with oneDNN's custom ops on (AVX-512 CPUs) the default
+    # onednn_guard="auto" keeps every group feeding a strided 1x1 convolution at 16 channels, so
+    # the same row would get a different student on some machines. TFKDP_ONEDNN=1 keeps oneDNN on.
+    onednn.disable_for_entry_point()
     command = " ".join(["flock /tmp/tfkdp-bench.lock .venv/bin/python -m benchmarks.recipes",
                         *sys.argv[1:]])  # fmt: skip
     keras.utils.set_random_seed(args.seeds[0])

@@ -150,6 +150,34 @@ def test_recipes_kd_only_student_is_the_resnet32_width_closest_to_the_budget():
     assert width == min(gaps, key=gaps.get)
 
 
+def test_recipes_benchmark_turns_onednn_off_before_training(monkeypatch):
+    """Rows must not depend on the CPU: the script turns oneDNN's custom ops off (as tfkdp's
+    entry points do) before it loads a teacher, but not for --table-only."""
+    import sys
+
+    from benchmarks import recipes
+
+    class Stop(Exception):
+        pass
+
+    def disable():
+        raise Stop
+
+    def no_teacher(**kwargs):
+        raise AssertionError("the teacher was loaded before oneDNN was turned off")
+
+    monkeypatch.setattr(recipes.onednn, "disable_for_entry_point", disable)
+    monkeypatch.setattr(recipes.common, "get_teacher", no_teacher)
+    monkeypatch.setattr(sys, "argv", ["recipes", "--methods", "kdp", "--seeds", "0"])
+    with pytest.raises(Stop):
+        recipes.main()
+    written = []
+    monkeypatch.setattr(recipes, "write_outputs", lambda results: written.append(results) or "")
+    monkeypatch.setattr(sys, "argv", ["recipes", "--table-only"])
+    recipes.main()
+    assert len(written) == 1
+
+
 def test_recipes_summary_averages_accuracy_and_size_over_seeds():
     """A row's summary is the mean over its seeds, its size included: cascade's masks move
     during training, so two seeds can end at different MAC counts."""
