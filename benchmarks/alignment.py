@@ -17,12 +17,14 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from benchmarks import common  # noqa: E402
+from tfkdp import onednn  # noqa: E402
 from tfkdp.pruning import alignment  # noqa: E402
 
 RESULTS = os.path.join(common.RESULTS_DIR, "alignment.json")
 
 
 def main():
+    onednn.disable_for_entry_point()  # plans and timings must not depend on the CPU
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runtimes", nargs="+", default=["litert", "onnxruntime"])
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])

@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from benchmarks import common
-from tfkdp import models
+from tfkdp import models, onednn
 from tfkdp.distill.dean import Dean, DeanDistiller, ValidationBatch
 from tfkdp.distill.distiller import Distiller
 from tfkdp.pruning import make_plan
@@ -87,6 +87,7 @@ def step_time_ratio(teacher, keep, batches, dean_every_values, rounds, learning_
 
 
 def main(argv=None):
+    onednn.disable_for_entry_point()  # plans and timings must not depend on the CPU
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--depth", type=int, default=32, help="teacher resnet_cifar depth")
     parser.add_argument("--batch-size", type=int, default=128)

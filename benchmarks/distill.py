@@ -25,13 +25,6 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-# oneDNN v3.7's AVX-512 1x1 convolution kernel corrupts memory on pruned shapes
-# (tfkdp.onednn, uxlfoundation/oneDNN#6035). TensorFlow reads this switch once, at
-# import; TFKDP_ONEDNN=1 (or an explicit TF_ENABLE_ONEDNN_OPTS) keeps oneDNN's setting.
-if os.environ.get("TFKDP_ONEDNN", "").strip() != "1" and not os.environ.get(
-    "TF_ENABLE_ONEDNN_OPTS", ""
-).strip():
-    os.environ["TF_ENABLE_ONEDNN_OPTS"] = "0"
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -40,7 +33,7 @@ from absl import app, flags  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from tfkdp import losses as kd  # noqa: E402
-from tfkdp import models  # noqa: E402
+from tfkdp import models, onednn  # noqa: E402
 from tfkdp.distill.distiller import Distiller  # noqa: E402
 from tfkdp.train import recipe as training  # noqa: E402
 
@@ -324,6 +317,7 @@ def _markdown(result):
 
 
 def main(argv):
+    onednn.disable_for_entry_point()  # plans and timings must not depend on the CPU
     del argv
     wall = time.time()
     json_path = os.path.join(common.RESULTS_DIR, "distill.json")

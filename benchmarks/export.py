@@ -27,13 +27,6 @@ if not __package__:
     # would shadow the `export` package: put the repository root there instead.
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# oneDNN v3.7's AVX-512 1x1 convolution kernel corrupts memory on pruned shapes
-# (tfkdp.onednn, uxlfoundation/oneDNN#6035). TensorFlow reads this switch once, at
-# import; TFKDP_ONEDNN=1 (or an explicit TF_ENABLE_ONEDNN_OPTS) keeps oneDNN's setting.
-if os.environ.get("TFKDP_ONEDNN", "").strip() != "1" and not os.environ.get(
-    "TF_ENABLE_ONEDNN_OPTS", ""
-).strip():
-    os.environ["TF_ENABLE_ONEDNN_OPTS"] = "0"
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -41,8 +34,9 @@ import numpy as np  # noqa: E402
 from benchmarks import common  # noqa: E402
 from tfkdp import (  # noqa: E402
     data,
-    export,  # noqa: E402
+    export,
     metrics,
+    onednn,
 )
 from tfkdp.export.latency import runtime_versions, summarize, time_calls  # noqa: E402
 from tfkdp.train import recipe as training  # noqa: E402
@@ -188,6 +182,7 @@ def _markdown(result):
 
 
 def main(argv=None):
+    onednn.disable_for_entry_point()  # plans and timings must not depend on the CPU
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--warmup", type=int, default=20)

@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from tfkdp import models, runtime  # noqa: E402
+from tfkdp import models, onednn, runtime  # noqa: E402
 from tfkdp.distill.distiller import Distiller  # noqa: E402
 from tfkdp.pruning.analysis import channel_groups  # noqa: E402
 from tfkdp.pruning.sparsity.admm import ADMM  # noqa: E402
@@ -79,6 +79,7 @@ def time_step(args, policy, jit_compile):
 
 
 def main(argv=None):
+    onednn.disable_for_entry_point()  # plans and timings must not depend on the CPU
     args = _parse(argv)
     gpus = tf.config.list_physical_devices("GPU")
     device = "GPU" if gpus else "CPU"

@@ -46,7 +46,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from tfkdp import data, export, methods, metrics, models  # noqa: E402
+from tfkdp import data, export, methods, metrics, models, onednn  # noqa: E402
 from tfkdp.export._atomic import gzip_size_bytes, tree_size_bytes  # noqa: E402
 from tfkdp.pruning import unstructured  # noqa: E402
 from tfkdp.train import copy_model  # noqa: E402
@@ -298,6 +298,7 @@ def _cell(run):
 
 
 def main():
+    onednn.disable_for_entry_point()  # plans and timings must not depend on the CPU
     args = _parse()
     wall = time.time()
     runs = _previous_runs(args)

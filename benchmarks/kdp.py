@@ -31,9 +31,10 @@ import tensorflow as tf  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from tfkdp import (  # noqa: E402
-    methods,  # noqa: E402
+    methods,
     metrics,
     models,
+    onednn,
 )
 from tfkdp import pruning as pruner  # noqa: E402
 from tfkdp.distill.distiller import Distiller  # noqa: E402
@@ -152,6 +153,7 @@ def _command_line():
 
 
 def main():
+    onednn.disable_for_entry_point()  # plans and timings must not depend on the CPU
     args = _parse()
     wall = time.time()
     keras.utils.set_random_seed(args.seeds[0])

@@ -37,6 +37,7 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from benchmarks import common  # noqa: E402
+from tfkdp import onednn  # noqa: E402
 
 RESULTS = os.path.join(common.RESULTS_DIR, "latency_budget.json")
 TABLE = os.path.join(common.RESULTS_DIR, "latency_budget.md")
@@ -107,6 +108,7 @@ def markdown(results):
 
 
 def main():
+    onednn.disable_for_entry_point()  # plans and timings must not depend on the CPU
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["resnet20", "resnet56", "mobilenet_v2_cifar"])
     parser.add_argument("--dataset", default="fashion_mnist")

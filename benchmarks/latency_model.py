@@ -23,7 +23,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from tfkdp import models  # noqa: E402
+from tfkdp import models, onednn  # noqa: E402
 from tfkdp.pruning.latency_model import LatencyModel, _counts  # noqa: E402
 
 RESULTS = os.path.join(common.RESULTS_DIR, "latency_model.json")
@@ -31,6 +31,7 @@ TABLE = os.path.join(common.RESULTS_DIR, "latency_model.md")
 
 
 def main():
+    onednn.disable_for_entry_point()  # plans and timings must not depend on the CPU
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["resnet20"])
     parser.add_argument("--runtime", default="litert", choices=["litert", "onnxruntime"])

@@ -25,6 +25,7 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from benchmarks import common  # noqa: E402
+from tfkdp import onednn  # noqa: E402
 
 SIZE = 32
 
@@ -100,6 +101,7 @@ def first_epoch_penalty(run_dir):
 
 
 def main():
+    onednn.disable_for_entry_point()  # plans and timings must not depend on the CPU
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--alpha", type=float, default=0.35)
     parser.add_argument("--teacher-epochs", type=int, default=5)

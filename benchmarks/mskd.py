@@ -59,7 +59,7 @@ import keras  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from tfkdp import methods, metrics  # noqa: E402
+from tfkdp import methods, metrics, onednn  # noqa: E402
 from tfkdp.methods.mskd import DEFAULT_CRITERIA  # noqa: E402
 from tfkdp.train import copy_model  # noqa: E402
 from tfkdp.train.phases import Training  # noqa: E402
@@ -332,6 +332,7 @@ def from_recipes(args):
 
 
 def main():
+    onednn.disable_for_entry_point()  # plans and timings must not depend on the CPU
     args = _parse()
     if args.from_recipes:
         from_recipes(args)

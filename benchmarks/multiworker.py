@@ -141,6 +141,9 @@ def _run_cluster(n, args):
 
 
 def main(argv=None):
+    from tfkdp import onednn
+
+    onednn.disable_for_entry_point()  # plans and timings must not depend on the CPU
     args = _parse(argv)
     if args.worker is not None:
         _worker(args)

@@ -27,6 +27,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
+from tfkdp import onednn  # noqa: E402
 from tfkdp.train import runtime  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -95,6 +96,7 @@ def run_method(method, folder, teacher, timeout):
 
 
 def main():
+    onednn.disable_for_entry_point()  # plans and timings must not depend on the CPU
     from tfkdp import methods
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

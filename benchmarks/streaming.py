@@ -152,6 +152,9 @@ def to_markdown(result):
 
 
 def main(argv=None):
+    from tfkdp import onednn
+
+    onednn.disable_for_entry_point()  # plans and timings must not depend on the CPU
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[5000, 50000])
     parser.add_argument("--batch_size", type=int, default=128)

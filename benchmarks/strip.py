@@ -35,13 +35,6 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-# oneDNN v3.7's AVX-512 1x1 convolution kernel corrupts memory on pruned shapes
-# (tfkdp.onednn, uxlfoundation/oneDNN#6035). TensorFlow reads this switch once, at
-# import; TFKDP_ONEDNN=1 (or an explicit TF_ENABLE_ONEDNN_OPTS) keeps oneDNN's setting.
-if os.environ.get("TFKDP_ONEDNN", "").strip() != "1" and not os.environ.get(
-    "TF_ENABLE_ONEDNN_OPTS", ""
-).strip():
-    os.environ["TF_ENABLE_ONEDNN_OPTS"] = "0"
 
 if not __package__:
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,7 +43,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from tfkdp import metrics, models  # noqa: E402
+from tfkdp import metrics, models, onednn  # noqa: E402
 from tfkdp.pruning import (  # noqa: E402
     apply_plan,  # noqa: E402
     fold_batchnorm,
@@ -124,6 +117,7 @@ def build(name):
 
 
 def main(argv=None):
+    onednn.disable_for_entry_point()  # plans and timings must not depend on the CPU
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--models", nargs="+", default=["resnet20", "resnet56", "mobilenet_v2_cifar"]

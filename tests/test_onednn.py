@@ -237,3 +237,40 @@ def test_importing_and_querying_sets_no_environment_variable():
                             capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+# benchmarks.onednn sets TF_ENABLE_ONEDNN_OPTS itself, per run it compares; common is a library.
+_NOT_ENTRY_POINTS = {"__init__", "common", "onednn"}
+
+
+def _first_calls_of_main(path):
+    """Names called by `main()`'s top-level statements, in order (lazy imports skipped)."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    main = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main")
+    names = []
+    for statement in main.body:
+        if isinstance(statement, (ast.Import, ast.ImportFrom)):
+            continue
+        for node in ast.walk(statement):
+            if isinstance(node, ast.Call):
+                names.append(ast.unparse(node.func))
+    return names
+
+
+def test_every_benchmark_turns_onednn_off_before_building_models():
+    import pathlib
+
+    scripts = sorted(pathlib.Path(REPO, "benchmarks").glob("*.py"))
+    checked = [p for p in scripts if p.stem not in _NOT_ENTRY_POINTS]
+    assert len(checked) >= 15, [p.stem for p in scripts]
+    for path in checked:
+        calls = _first_calls_of_main(path)
+        assert "onednn.disable_for_entry_point" in calls, path.stem
+        before = calls[: calls.index("onednn.disable_for_entry_point")]
+        # only argument parsing may come first (benchmarks.recipes: not for --table-only)
+        assert all(name in {"_parse", "_parse_args", "print", "write_outputs", "_load"}
+                   for name in before), (path.stem, before)
+    source = "\n".join(p.read_text() for p in checked)
+    assert 'os.environ["TF_ENABLE_ONEDNN_OPTS"] = "0"' not in source  # one place: tfkdp.onednn
