@@ -27,7 +27,6 @@ if not __package__:
     # would shadow the `export` package: put the repository root there instead.
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
